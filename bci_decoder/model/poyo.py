@@ -1,0 +1,374 @@
+"""POYO: spike tokens -> PerceiverIO with rotary time -> behaviour, in two modes.
+
+1. Spike tokens: a learned embedding per unit; the spike's time enters only through
+   rotary phases of its key and value.
+2. Encoder: latents cross-attend to spikes (plus an always-present ``<null>`` token so an
+   empty group is well defined).
+3. Processor: ``depth`` blocks of latent self-attention.
+4. Decoder: an output query (session embedding + output-kind embedding) at time t
+   cross-attends to latents; one linear head per output kind.
+
+Modes (see ARCHITECTURE "Two model modes"):
+- ``window``: latents at t - W + k·s; each sees every spike of (t - W, t]; full
+  self-attention; the query at t sees all latents.
+- ``causal``: latent groups on the absolute grid k·s see only their own spikes in
+  ((k-1)·s, k·s]; self-attention is causal and spans ``context`` seconds of groups; the
+  query at t uses the partial group of t (its spikes up to t, latent time t) and the
+  finished groups before it. A finished group never changes, so its states are cached
+  between chunks (``CausalCache``): training, chunked evaluation and the streaming engine
+  compute the same function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from bci_decoder.model.rotary import rotary_periods, rotary_phases, rotate, unrotate
+
+
+class POYOConfig(BaseModel):
+    """Hyperparameters; stored in every checkpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dim: int = 64
+    depth: int = 6
+    dim_head: int = 64
+    cross_heads: int = 2
+    self_heads: int = 8
+    ffn_mult: int = 4
+    latents_per_group: int = 16
+    latent_step: float = 0.125  # s: grid step of latent groups
+    context: float = 1.0  # W: seconds of groups a causal latent attends to; window length
+    min_period: float = 2e-3
+    max_period: float = 8.0
+    rotary_fraction: float = 0.5  # share of each head's channels that carry time
+
+    @property
+    def context_groups(self) -> int:
+        return int(round(self.context / self.latent_step))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.net = nn.Sequential(nn.Linear(dim, dim * mult), nn.GELU(), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.norm(x))
+
+
+class RotaryAttention(nn.Module):
+    """Multi-head attention whose queries and keys are rotated at their own times."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, num_freqs: int) -> None:
+        super().__init__()
+        self.heads, self.dim_head, self.num_freqs = heads, dim_head, num_freqs
+        inner = heads * dim_head
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads, self.dim_head))  # (..., inner) -> (..., H, Dh)
+
+    def keys_values(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unrotated keys/values (..., H, Dh) of kv inputs (..., D)."""
+        kv = self.norm_kv(kv)
+        return self.split(self.to_k(kv)), self.split(self.to_v(kv))
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return self.split(self.to_q(self.norm_q(x)))
+
+
+@dataclass
+class CausalCache:
+    """States of finished latent groups, kept between causal chunks.
+
+    ``states[l]`` is the input of self-attention layer l (l = depth: the final latents the
+    decoder reads), for the last ``context_groups - 1`` finished groups.
+    """
+
+    states: list[torch.Tensor]  # depth+1 x (B, L, D)
+    group: torch.Tensor  # (B, L) int64 absolute grid index
+    time: torch.Tensor  # (B, L) float64
+
+
+class POYO(nn.Module):
+    def __init__(
+        self,
+        config: POYOConfig,
+        *,
+        num_units: int,
+        num_sessions: int,
+        outputs: dict[str, int],
+    ) -> None:
+        super().__init__()
+        c = self.config = config
+        self.output_names = list(outputs)
+        self.output_dims = dict(outputs)
+        self.unit_emb = nn.Embedding(num_units, c.dim)
+        self.session_emb = nn.Embedding(num_sessions, c.dim)
+        self.output_emb = nn.Embedding(len(outputs), c.dim)
+        self.latent_emb = nn.Parameter(torch.randn(c.latents_per_group, c.dim) * 0.02)
+        nn.init.normal_(self.unit_emb.weight, std=0.02)
+        nn.init.normal_(self.session_emb.weight, std=0.02)
+        nn.init.normal_(self.output_emb.weight, std=0.02)
+
+        def freqs(dim_head: int) -> int:
+            return max(1, int(dim_head * c.rotary_fraction) // 2)
+
+        self.enc_attn = RotaryAttention(c.dim, c.cross_heads, c.dim_head, freqs(c.dim_head))
+        self.enc_ffn = FeedForward(c.dim, c.ffn_mult)
+        self.self_attn = nn.ModuleList(
+            RotaryAttention(c.dim, c.self_heads, c.dim_head, freqs(c.dim_head))
+            for _ in range(c.depth)
+        )
+        self.self_ffn = nn.ModuleList(FeedForward(c.dim, c.ffn_mult) for _ in range(c.depth))
+        self.dec_attn = RotaryAttention(c.dim, c.cross_heads, c.dim_head, freqs(c.dim_head))
+        self.dec_ffn = FeedForward(c.dim, c.ffn_mult)
+        self.dec_norm = nn.LayerNorm(c.dim)
+        self.heads = nn.ModuleDict({k: nn.Linear(c.dim, d) for k, d in outputs.items()})
+        self.register_buffer(
+            "periods",
+            rotary_periods(freqs(c.dim_head), c.min_period, c.max_period),
+            persistent=False,
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def phases(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotary_phases(t, self.periods)
+
+    def readout(self, y: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """Per-sample output kind -> (B, Q, Dmax), unused dims zero."""
+        dmax = max(self.output_dims.values())
+        y = self.dec_norm(y)
+        out = y.new_zeros(*y.shape[:-1], dmax)
+        for i, name in enumerate(self.output_names):
+            sel = (output == i).view(-1, *([1] * (y.dim() - 1)))
+            pred = self.heads[name](y)  # (B, Q, D_i)
+            pred = F.pad(pred, (0, dmax - pred.shape[-1]))
+            out = torch.where(sel, pred, out)
+        return out
+
+    def encode(
+        self,
+        q_time: torch.Tensor,
+        spike_unit: torch.Tensor,
+        spike_time: torch.Tensor,
+        spike_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Latent groups attend to their spikes.
+
+        q_time (B, G) float64 latent time of each group; spike_* (B, G, S), or (B, 1, S)
+        when every group sees the same spikes (window mode). Returns latents (B, G, n, D).
+        """
+        attn = self.enc_attn
+        B, G = q_time.shape
+        x = self.latent_emb.expand(B, G, -1, -1)  # (B, G, n, D)
+        qc, qs = self.phases(q_time)  # (B, G, F)
+        qc, qs = qc.unsqueeze(2), qs.unsqueeze(2)  # (B, G, 1, F): same phase for n latents
+        q = rotate(attn.query(x), qc, qs)  # (B, G, n, H, Dh)
+        k, v = attn.keys_values(self.unit_emb(spike_unit))  # (B, g, S, H, Dh)
+        kc, ks = self.phases(spike_time)  # (B, g, S, F)
+        k = rotate(k, kc, ks)
+        v = rotate(v, kc, ks)
+        scale = attn.dim_head**-0.5
+        scores = q.transpose(2, 3) @ k.permute(0, 1, 3, 4, 2) * scale  # (B, G, H, n, S)
+        scores = scores.masked_fill(~spike_mask[:, :, None, None, :], float("-inf"))
+        # <null>: key/value at the latent's own time, so its score needs no rotation
+        k0, v0 = attn.keys_values(self.unit_emb.weight[0])  # (H, Dh)
+        q_plain = unrotate(q, qc, qs)
+        null = (q_plain * k0).sum(-1).transpose(2, 3).unsqueeze(-1) * scale  # (B, G, H, n, 1)
+        p = torch.softmax(torch.cat([null, scores], dim=-1), dim=-1)  # (B, G, H, n, 1+S)
+        out = (p[..., 1:] @ v.transpose(2, 3)).transpose(2, 3)  # (B, G, n, H, Dh)
+        out = unrotate(out, qc, qs) + p[..., 0].transpose(2, 3).unsqueeze(-1) * v0
+        x = x + attn.to_out(out.flatten(-2))
+        return x + self.enc_ffn(x)
+
+    def _attend(
+        self,
+        attn: RotaryAttention,
+        x_q: torch.Tensor,
+        t_q: torch.Tensor,
+        x_kv: torch.Tensor,
+        t_kv: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """x_q (B, Lq, D) at t_q (B, Lq); x_kv (B, Lk, D) at t_kv; mask (B, Lq, Lk) bool."""
+        qc, qs = self.phases(t_q)
+        kc, ks = self.phases(t_kv)
+        q = rotate(attn.query(x_q), qc, qs).transpose(1, 2)  # (B, H, Lq, Dh)
+        k, v = attn.keys_values(x_kv)
+        k = rotate(k, kc, ks).transpose(1, 2)
+        v = v.transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if mask is None else mask.unsqueeze(1)
+        )
+        return attn.to_out(out.transpose(1, 2).flatten(-2))
+
+    # ------------------------------------------------------------------ causal
+    def forward_causal(
+        self,
+        *,
+        spike_unit: torch.Tensor,
+        spike_time: torch.Tensor,
+        spike_mask: torch.Tensor,
+        group_index: torch.Tensor,
+        query_time: torch.Tensor,
+        query_group: torch.Tensor,
+        query_mask: torch.Tensor,
+        session: torch.Tensor,
+        output: torch.Tensor,
+        cache: CausalCache | None = None,
+        return_cache: bool = False,
+    ) -> tuple[torch.Tensor, CausalCache | None]:
+        """Causal chunk: G consecutive groups and Q queries inside them.
+
+        spike_* (B, G, S); group_index (B, G) int64 absolute; query_* (B, Q).
+        Returns predictions (B, Q, Dmax) and, if asked, the cache for the next chunk.
+        """
+        c = self.config
+        n = c.latents_per_group
+        B, G, S = spike_unit.shape
+        Q = query_time.shape[1]
+        step = c.latent_step
+        g_time = group_index.to(torch.float64) * step  # (B, G)
+
+        # partial groups: the owning group's spikes up to the query time
+        slot = (query_group - group_index[:, :1]).clamp(0, G - 1)  # (B, Q)
+        gather = slot[:, :, None].expand(B, Q, S)
+        p_unit = torch.gather(spike_unit, 1, gather)
+        p_time = torch.gather(spike_time, 1, gather)
+        p_mask = torch.gather(spike_mask, 1, gather) & (p_time <= query_time[:, :, None])
+
+        lat = self.encode(
+            torch.cat([g_time, query_time], 1),
+            torch.cat([spike_unit, p_unit], 1),
+            torch.cat([spike_time, p_time], 1),
+            torch.cat([spike_mask, p_mask], 1),
+        )  # (B, G+Q, n, D)
+        x = lat.flatten(1, 2)  # (B, (G+Q)·n, D)
+
+        # token attributes for masks
+        tok_group = torch.cat([group_index, query_group], 1).repeat_interleave(n, 1)
+        tok_time = torch.cat([g_time, query_time], 1).repeat_interleave(n, 1)
+        owner = torch.cat(
+            [torch.full_like(group_index, -1), torch.arange(Q).expand(B, Q)], 1
+        ).repeat_interleave(n, 1)  # (B, (G+Q)·n): -1 for finished groups
+        is_main = owner < 0
+        main_x = slice(0, G * n)
+
+        if cache is not None:
+            c_group, c_time = cache.group, cache.time
+        else:
+            c_group = group_index.new_zeros(B, 0)
+            c_time = g_time.new_zeros(B, 0)
+        key_group = torch.cat([c_group, tok_group], 1)
+        key_time = torch.cat([c_time, tok_time], 1)
+        key_owner = torch.cat([torch.full_like(c_group, -1), owner], 1)
+        W = c.context_groups
+        qg, kg = tok_group[:, :, None], key_group[:, None, :]
+        q_main = is_main[:, :, None]
+        k_main = key_owner[:, None, :] < 0
+        in_span = kg > qg - W
+        mask = k_main & in_span & ((kg < qg) | ((kg == qg) & q_main))
+        mask = mask | (~k_main & (key_owner[:, None, :] == owner[:, :, None]))
+
+        states = []
+        for layer in range(c.depth):
+            prev = cache.states[layer] if cache is not None else x.new_zeros(B, 0, c.dim)
+            states.append(torch.cat([prev, x[:, main_x]], 1))
+            kv = torch.cat([prev, x], 1)
+            x = x + self._attend(self.self_attn[layer], x, tok_time, kv, key_time, mask)
+            x = x + self.self_ffn[layer](x)
+        prev = cache.states[c.depth] if cache is not None else x.new_zeros(B, 0, c.dim)
+        states.append(torch.cat([prev, x[:, main_x]], 1))
+
+        # decoder: query q sees its partial group and the finished groups before it
+        y = self.session_emb(session)[:, None] + self.output_emb(output)[:, None]  # (B, 1, D)
+        y = y.expand(B, Q, -1)
+        qg = query_group[:, :, None]
+        dmask = k_main & (kg > qg - W) & (kg < qg)
+        dmask = dmask | (key_owner[:, None, :] == torch.arange(Q)[None, :, None])
+        kv = torch.cat([prev, x], 1)
+        y = y + self._attend(self.dec_attn, y, query_time, kv, key_time, dmask)
+        y = y + self.dec_ffn(y)
+        pred = self.readout(y, output)
+
+        new_cache = None
+        if return_cache:  # keep the tokens of the last W-1 finished groups
+            all_group = torch.cat([c_group, group_index.repeat_interleave(n, 1)], 1)
+            all_time = torch.cat([c_time, g_time.repeat_interleave(n, 1)], 1)
+            start = all_group.shape[1] - min((W - 1) * n, all_group.shape[1])
+            new_cache = CausalCache(
+                states=[st[:, start:] for st in states],
+                group=all_group[:, start:],
+                time=all_time[:, start:],
+            )
+        del query_mask
+        return pred, new_cache
+
+    # ------------------------------------------------------------------ window
+    def forward_window(
+        self,
+        *,
+        spike_unit: torch.Tensor,
+        spike_time: torch.Tensor,
+        spike_mask: torch.Tensor,
+        latent_time: torch.Tensor,
+        query_time: torch.Tensor,
+        session: torch.Tensor,
+        output: torch.Tensor,
+        query_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Window mode. spike_* (B, N); latent_time (B, K); query_time (B, Q) -> (B, Q, Dmax)."""
+        c = self.config
+        n = c.latents_per_group
+        B, K = latent_time.shape
+        Q = query_time.shape[1]
+        # every latent group sees every spike: the spikes broadcast over the K groups
+        lat = self.encode(
+            latent_time, spike_unit[:, None], spike_time[:, None], spike_mask[:, None]
+        )  # (B, K, n, D)
+        x = lat.flatten(1, 2)
+        t = latent_time.repeat_interleave(n, 1)
+        for layer in range(c.depth):
+            x = x + self._attend(self.self_attn[layer], x, t, x, t, None)
+            x = x + self.self_ffn[layer](x)
+        y = self.session_emb(session)[:, None] + self.output_emb(output)[:, None]
+        y = y.expand(B, Q, -1)
+        y = y + self._attend(self.dec_attn, y, query_time, x, t, None)
+        y = y + self.dec_ffn(y)
+        del query_mask
+        return self.readout(y, output)
+
+    # ------------------------------------------------------------------ vocabularies
+    def extend_units(self, count: int) -> None:
+        """Append ``count`` unit embeddings, initialised near the mean of the known ones."""
+        self.unit_emb = _grow(self.unit_emb, count)
+
+    def extend_sessions(self, count: int) -> None:
+        self.session_emb = _grow(self.session_emb, count)
+
+
+def _grow(emb: nn.Embedding, count: int) -> nn.Embedding:
+    if count <= 0:
+        return emb
+    old = emb.weight.data
+    new = nn.Embedding(old.shape[0] + count, old.shape[1])
+    with torch.no_grad():
+        new.weight[: old.shape[0]] = old
+        mean = old[1:].mean(0) if old.shape[0] > 1 else old.mean(0)
+        std = old[1:].std(0).mean() if old.shape[0] > 2 else torch.tensor(0.02)
+        new.weight[old.shape[0] :] = mean + torch.randn(count, old.shape[1]) * std
+    return new.to(old.device)
