@@ -177,7 +177,10 @@ def collate_causal(samples: list[CausalSample]) -> dict[str, np.ndarray]:
             [
                 np.pad(
                     s.spike_time,
-                    [(0, 0), (0, max(x.spike_time.shape[1] for x in samples) - s.spike_time.shape[1])],
+                    [
+                        (0, 0),
+                        (0, max(x.spike_time.shape[1] for x in samples) - s.spike_time.shape[1]),
+                    ],
                     mode="edge",
                 )
                 for s in samples

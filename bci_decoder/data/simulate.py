@@ -68,7 +68,7 @@ class SimConfig(BaseModel):
     baseline_rate_hz: tuple[float, float] = (2.0, 60.0)  # rest rate, log-uniform
     max_rate_hz: float = Field(200.0, gt=0)
     refractory_s: float = Field(0.002, ge=0, lt=0.01)
-    modulation_depth: tuple[float, float] = (0.5, 1.3)  # log-rate gain at reference speed
+    modulation_depth: tuple[float, float] = (0.1, 0.5)  # log-rate gain at reference speed
     speed_gain: tuple[float, float] = (-0.2, 0.6)  # log-rate gain of |v| at reference speed
     position_gain: float = Field(0.15, ge=0)  # max log-rate gain at reference distance
     reference_speed_cm_s: float = Field(30.0, gt=0)
@@ -77,7 +77,7 @@ class SimConfig(BaseModel):
     drift_strength: float = Field(0.15, ge=0)  # stationary s.d. of the log-rate drift
     drift_tau_s: float = Field(120.0, gt=0)
     num_latents: int = Field(3, ge=0)  # shared nuisance factors
-    latent_strength: float = Field(0.3, ge=0)  # s.d. of each unit's latent log-rate term
+    latent_strength: float = Field(0.5, ge=0)  # s.d. of each unit's latent log-rate term
     latent_tau_s: float = Field(0.3, gt=0)
 
     # Behaviour
@@ -197,9 +197,7 @@ class _Path:
         return pos, vel
 
 
-def _plan(
-    cfg: SimConfig, index: int, horizon: float
-) -> tuple[_Path, dict[str, np.ndarray]]:
+def _plan(cfg: SimConfig, index: int, horizon: float) -> tuple[_Path, dict[str, np.ndarray]]:
     """Reach schedule covering [0, horizon) and its trials (session-relative times)."""
     rng = _rng(cfg, index, _BEHAVIOUR)
     task = cfg.session_task(index)
@@ -357,11 +355,20 @@ def _spikes(
     max_rate = cfg.max_rate_hz
     ref = cfg.refractory_s
 
+    # The drift is slow: hold it constant over blocks of ~0.1 s (one broadcast add).
+    block = max(1, int(round(0.1 / dt)))
+    n_blocks = -(-steps // block)
+    chunk = max(1, _CHUNK_STEPS // block) * block
+    block_t = (np.arange(n_blocks) + 0.5) * block * dt
+    drift_blocks = np.stack(
+        [np.interp(block_t, np.arange(n_drift), drift[:, u]) for u in range(n_units)], 1
+    ).astype(np.float32)
+
     rng = _rng(cfg, index, _SPIKES)
     all_t: list[np.ndarray] = []
     all_u: list[np.ndarray] = []
-    for c0 in range(0, steps, _CHUNK_STEPS):
-        c1 = min(c0 + _CHUNK_STEPS, steps)
+    for c0 in range(0, n_blocks * block, chunk):
+        c1 = min(c0 + chunk, n_blocks * block)
         t = (np.arange(c0, c1) + 0.5) * dt  # step centres
         pos, vel = path(t + cfg.neural_lead_s)
         speed = np.hypot(vel[:, 0], vel[:, 1])
@@ -372,21 +379,24 @@ def _spikes(
             fr = (li - lo)[:, None]
             feats.append(latents[lo] * (1 - fr) + latents[lo + 1] * fr)
         x = np.concatenate(feats, 1).astype(np.float32)
-        log_rate = x @ weights + log_base
-        di = np.minimum(t, n_drift - 1.0)
-        lo = np.minimum(di.astype(np.int64), n_drift - 2)
-        fr = (di - lo)[:, None].astype(np.float32)
-        log_rate += drift[lo].astype(np.float32) * (1 - fr) + drift[lo + 1].astype(
-            np.float32
-        ) * fr
-        rate = np.minimum(np.exp(log_rate), np.float32(max_rate))
+        rate = x @ weights  # log-rate modulation, then the rate, in place
+        rate += log_base
+        rate.reshape(-1, block, n_units)[...] += drift_blocks[c0 // block : c1 // block, None]
+        np.exp(rate, out=rate)
+        np.minimum(rate, np.float32(max_rate), out=rate)
         if ref > 0:  # compensate for the refractory loss: output rate ≈ rate
-            rate /= 1.0 - rate * np.float32(ref)
-        p = -np.expm1(rate * np.float32(-dt))
-        step_i, unit_i = np.nonzero(rng.random(p.shape, dtype=np.float32) < p)
-        jitter = rng.random(step_i.size)
-        all_t.append((c0 + step_i + jitter) * dt)
-        all_u.append(unit_i.astype(np.int32))
+            denom = rate * np.float32(-ref)
+            denom += np.float32(1.0)
+            rate /= denom
+        rate *= np.float32(-dt)
+        np.expm1(rate, out=rate)  # = -P(spike in the step)
+        rate += rng.random(rate.shape, dtype=np.float32)  # u - p < 0 <=> spike
+        flat = np.flatnonzero(rate < 0)
+        step_i, unit_i = np.divmod(flat, n_units)
+        jitter = rng.random(flat.size)
+        keep = c0 + step_i < steps
+        all_t.append((c0 + step_i[keep] + jitter[keep]) * dt)
+        all_u.append(unit_i[keep].astype(np.int32))
     times = np.concatenate(all_t) if all_t else np.zeros(0)
     spike_units = np.concatenate(all_u) if all_u else np.zeros(0, np.int32)
     order = np.lexsort((times, spike_units))

@@ -48,6 +48,7 @@ class POYOConfig(BaseModel):
     min_period: float = 2e-3
     max_period: float = 8.0
     rotary_fraction: float = 0.5  # share of each head's channels that carry time
+    rotate_values: bool = True  # encoder values carry each spike's time relative to its latent
 
     @property
     def context_groups(self) -> int:
@@ -128,6 +129,13 @@ class POYO(nn.Module):
             return max(1, int(dim_head * c.rotary_fraction) // 2)
 
         self.enc_attn = RotaryAttention(c.dim, c.cross_heads, c.dim_head, freqs(c.dim_head))
+        # Softmax attention averages, so it cannot count; spike counts carry most of the
+        # information in motor cortex. A sum of the group's unit embeddings (a learned
+        # embedding of the counts vector) adds what attention misses, and a learned
+        # vector scaled by the elapsed fraction of the group tells a partial group how
+        # much of its bin it has seen.
+        self.count_proj = nn.Linear(c.dim, c.dim)
+        self.elapsed_emb = nn.Parameter(torch.zeros(c.dim))
         self.enc_ffn = FeedForward(c.dim, c.ffn_mult)
         self.self_attn = nn.ModuleList(
             RotaryAttention(c.dim, c.self_heads, c.dim_head, freqs(c.dim_head))
@@ -146,7 +154,8 @@ class POYO(nn.Module):
 
     # ------------------------------------------------------------------ helpers
     def phases(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rotary_phases(t, self.periods)
+        """(..., Dh/2) cos and sin of times t (float64)."""
+        return rotary_phases(t, self.periods, self.config.dim_head // 2)
 
     def readout(self, y: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Per-sample output kind -> (B, Q, Dmax), unused dims zero."""
@@ -160,38 +169,58 @@ class POYO(nn.Module):
             out = torch.where(sel, pred, out)
         return out
 
+    def spike_keys(
+        self, spike_unit: torch.Tensor, spike_time: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated encoder keys and values of spikes (..., S) -> (..., S, H, Dh) each.
+
+        Keys depend only on the unit and the time: project the unit table once, then a
+        spike costs a lookup and a rotation (the streaming engine does the same).
+        """
+        k_tab, v_tab = self.enc_attn.keys_values(self.unit_emb.weight)  # (V, H, Dh)
+        kc, ks = self.phases(spike_time)
+        v = v_tab[spike_unit]
+        if self.config.rotate_values:
+            v = rotate(v, kc, ks)
+        return rotate(k_tab[spike_unit], kc, ks), v
+
     def encode(
         self,
         q_time: torch.Tensor,
-        spike_unit: torch.Tensor,
-        spike_time: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
         spike_mask: torch.Tensor,
+        unit_sum: torch.Tensor,
+        elapsed: torch.Tensor,
     ) -> torch.Tensor:
         """Latent groups attend to their spikes.
 
-        q_time (B, G) float64 latent time of each group; spike_* (B, G, S), or (B, 1, S)
-        when every group sees the same spikes (window mode). Returns latents (B, G, n, D).
+        q_time (B, G) float64 latent time of each group; k, v (B, G, S, H, Dh) rotated
+        spike keys/values, mask (B, G, S); or (B, 1, S, ...) when every group sees the same
+        spikes (window mode). unit_sum (B, G, D): sum of the unit embeddings of the
+        group's own spikes; elapsed (B, G): seen fraction of the group's step, in (0, 1].
+        Returns latents (B, G, n, D).
         """
         attn = self.enc_attn
         B, G = q_time.shape
-        x = self.latent_emb.expand(B, G, -1, -1)  # (B, G, n, D)
-        qc, qs = self.phases(q_time)  # (B, G, F)
-        qc, qs = qc.unsqueeze(2), qs.unsqueeze(2)  # (B, G, 1, F): same phase for n latents
-        q = rotate(attn.query(x), qc, qs)  # (B, G, n, H, Dh)
-        k, v = attn.keys_values(self.unit_emb(spike_unit))  # (B, g, S, H, Dh)
-        kc, ks = self.phases(spike_time)  # (B, g, S, F)
-        k = rotate(k, kc, ks)
-        v = rotate(v, kc, ks)
+        x = self.latent_emb + (
+            self.count_proj(unit_sum) + elapsed.unsqueeze(-1) * self.elapsed_emb
+        ).unsqueeze(2)  # (B, G, n, D)
+        qc, qs = self.phases(q_time)  # (B, G, Dh/2)
+        qc, qs = qc.unsqueeze(2), qs.unsqueeze(2)  # (B, G, 1, Dh/2): same for n latents
+        q_plain = attn.query(x)  # (B, G, n, H, Dh)
+        q = rotate(q_plain, qc, qs)
         scale = attn.dim_head**-0.5
         scores = q.transpose(2, 3) @ k.permute(0, 1, 3, 4, 2) * scale  # (B, G, H, n, S)
         scores = scores.masked_fill(~spike_mask[:, :, None, None, :], float("-inf"))
         # <null>: key/value at the latent's own time, so its score needs no rotation
         k0, v0 = attn.keys_values(self.unit_emb.weight[0])  # (H, Dh)
-        q_plain = unrotate(q, qc, qs)
         null = (q_plain * k0).sum(-1).transpose(2, 3).unsqueeze(-1) * scale  # (B, G, H, n, 1)
         p = torch.softmax(torch.cat([null, scores], dim=-1), dim=-1)  # (B, G, H, n, 1+S)
         out = (p[..., 1:] @ v.transpose(2, 3)).transpose(2, 3)  # (B, G, n, H, Dh)
-        out = unrotate(out, qc, qs) + p[..., 0].transpose(2, 3).unsqueeze(-1) * v0
+        if self.config.rotate_values:
+            out = unrotate(out, qc, qs)
+        out = out + p[..., 0].transpose(2, 3).unsqueeze(-1) * v0
         x = x + attn.to_out(out.flatten(-2))
         return x + self.enc_ffn(x)
 
@@ -215,6 +244,14 @@ class POYO(nn.Module):
             q, k, v, attn_mask=None if mask is None else mask.unsqueeze(1)
         )
         return attn.to_out(out.transpose(1, 2).flatten(-2))
+
+    def forward(self, *, mode: str, **batch: torch.Tensor) -> torch.Tensor:
+        """Training entry point (one call for DDP): predictions (B, Q, Dmax)."""
+        if mode == "causal":
+            return self.forward_causal(**batch)[0]
+        if mode == "window":
+            return self.forward_window(**batch)
+        raise ValueError(f"mode must be 'causal' or 'window', not {mode!r}")
 
     # ------------------------------------------------------------------ causal
     def forward_causal(
@@ -245,17 +282,24 @@ class POYO(nn.Module):
         g_time = group_index.to(torch.float64) * step  # (B, G)
 
         # partial groups: the owning group's spikes up to the query time
+        k, v = self.spike_keys(spike_unit, spike_time)  # (B, G, S, H, Dh)
         slot = (query_group - group_index[:, :1]).clamp(0, G - 1)  # (B, Q)
         gather = slot[:, :, None].expand(B, Q, S)
-        p_unit = torch.gather(spike_unit, 1, gather)
         p_time = torch.gather(spike_time, 1, gather)
         p_mask = torch.gather(spike_mask, 1, gather) & (p_time <= query_time[:, :, None])
-
+        g5 = slot[:, :, None, None, None].expand(B, Q, *k.shape[2:])
+        emb = self.unit_emb(torch.cat([spike_unit, torch.gather(spike_unit, 1, gather)], 1))
+        mask = torch.cat([spike_mask, p_mask], 1)  # (B, G+Q, S)
+        unit_sum = (emb * mask.unsqueeze(-1)).sum(2)  # (B, G+Q, D)
+        q_elapsed = (query_time - (query_group - 1).to(torch.float64) * step) / step
+        elapsed = torch.cat([torch.ones_like(g_time), q_elapsed], 1).to(torch.float32)
         lat = self.encode(
             torch.cat([g_time, query_time], 1),
-            torch.cat([spike_unit, p_unit], 1),
-            torch.cat([spike_time, p_time], 1),
-            torch.cat([spike_mask, p_mask], 1),
+            torch.cat([k, torch.gather(k, 1, g5)], 1),
+            torch.cat([v, torch.gather(v, 1, g5)], 1),
+            mask,
+            unit_sum,
+            elapsed,
         )  # (B, G+Q, n, D)
         x = lat.flatten(1, 2)  # (B, (G+Q)·n, D)
 
@@ -337,8 +381,18 @@ class POYO(nn.Module):
         B, K = latent_time.shape
         Q = query_time.shape[1]
         # every latent group sees every spike: the spikes broadcast over the K groups
+        k, v = self.spike_keys(spike_unit[:, None], spike_time[:, None])  # (B, 1, N, H, Dh)
+        # each latent group's own spikes, (tau - s, tau], for the count path
+        step = c.latent_step
+        start = latent_time[:, :1] - step  # (B, 1) start of the first group
+        slot = torch.ceil((spike_time - start) / step).long() - 1  # (B, N)
+        slot = slot.clamp(0, K - 1)
+        emb = self.unit_emb(spike_unit) * spike_mask.unsqueeze(-1)  # (B, N, D)
+        unit_sum = emb.new_zeros(B, K, c.dim).scatter_add(
+            1, slot.unsqueeze(-1).expand_as(emb), emb
+        )  # (B, K, D)
         lat = self.encode(
-            latent_time, spike_unit[:, None], spike_time[:, None], spike_mask[:, None]
+            latent_time, k, v, spike_mask[:, None], unit_sum, torch.ones_like(latent_time).float()
         )  # (B, K, n, D)
         x = lat.flatten(1, 2)
         t = latent_time.repeat_interleave(n, 1)

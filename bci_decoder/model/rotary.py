@@ -19,27 +19,38 @@ def rotary_periods(num_freqs: int, min_period: float, max_period: float) -> torc
     )
 
 
-def rotary_phases(t: torch.Tensor, periods: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the phases of times ``t`` (any shape, float64): (..., F) float32 each."""
+def rotary_phases(
+    t: torch.Tensor, periods: torch.Tensor, dim_half: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the phases of times ``t`` (any shape, float64): (..., F) float32 each.
+
+    With ``dim_half`` > F the result is padded to (..., dim_half) with cos = 1, sin = 0:
+    those channel pairs carry content only and are never rotated.
+    """
     t = t.to(torch.float64)
     frac = torch.remainder(t.unsqueeze(-1), periods) / periods  # (..., F) in [0, 1)
     angle = (2 * math.pi) * frac
-    return torch.cos(angle).to(torch.float32), torch.sin(angle).to(torch.float32)
+    cos, sin = torch.cos(angle).to(torch.float32), torch.sin(angle).to(torch.float32)
+    if dim_half is not None and dim_half > periods.numel():
+        pad = dim_half - periods.numel()
+        cos = torch.nn.functional.pad(cos, (0, pad), value=1.0)
+        sin = torch.nn.functional.pad(sin, (0, pad), value=0.0)
+    return cos, sin
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first 2F channels of the last dim of x (..., H, Dh) by the phases
-    cos/sin (..., F); channels beyond 2F carry content only and pass through.
+    """Rotate x (..., H, Dh) by phases cos/sin (..., Dh/2), broadcast over heads.
 
-    Pairs are (x[2i], x[2i+1]) laid out as two halves: x[:F] and x[F:2F].
+    Channel pairs are (x[i], x[i + Dh/2]); the layout lets the rotation be two products
+    and a flip, which is cheap forward and backward (no slicing into zero-filled grads).
     """
-    f = cos.shape[-1]
-    c = cos.unsqueeze(-2)  # (..., 1, F) broadcast over heads
-    s = sin.unsqueeze(-2)
-    x1 = x[..., :f]
-    x2 = x[..., f : 2 * f]
-    rest = x[..., 2 * f :]
-    return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c, rest], dim=-1)
+    half = cos.shape[-1]
+    xs = x.unflatten(-1, (2, half))  # (..., H, 2, Dh/2)
+    c = cos.unsqueeze(-2).unsqueeze(-2)  # (..., 1, 1, Dh/2)
+    s = sin.unsqueeze(-2).unsqueeze(-2)
+    sign = torch.tensor([-1.0, 1.0], dtype=x.dtype).view(2, 1)
+    out = xs * c + xs.flip(-2) * (s * sign)
+    return out.flatten(-2)
 
 
 def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

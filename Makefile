@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch is pinned: 2.13.0 is the CPU build on this machine's disk; an unpinned torch
+# would pull a multi-GB CUDA build from the registry.
+TORCH := torch==2.13.0
+DATA ?= ../shared/data/real
+MODEL ?= models/poyo-mp-small
+
+.PHONY: venv demo test lint bench clean pretrain
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/bci-decoder demo --model $(MODEL) --data $(DATA) --out out/demo
+
+test: $(STAMP)
+	$(BIN)/ruff check bci_decoder tests benchmarks
+	$(BIN)/python -m pytest -q -ra tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check bci_decoder tests benchmarks
+	$(BIN)/ruff format --check bci_decoder tests benchmarks
+
+# The shipped model: see models/poyo-mp-small/README.md
+pretrain: $(STAMP)
+	$(BIN)/bci-decoder train --config configs/poyo-mp-small.yaml
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

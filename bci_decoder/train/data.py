@@ -1,0 +1,146 @@
+"""Multi-session sampling of training sequences and windows.
+
+Every batch is a pure function of (seed, step): a distributed run splits the same global
+batch across ranks, so 2 processes see exactly what 1 process sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bci_decoder.data.session import Session
+from bci_decoder.tokenizer import (
+    collate_causal,
+    collate_window,
+    grid_index,
+    tokenize_causal,
+    tokenize_window,
+)
+from bci_decoder.train.checkpoint import Normalizer
+
+
+@dataclass
+class SessionSource:
+    """One session as the sampler sees it."""
+
+    session: Session
+    session_index: int  # in the session vocabulary
+    unit_index: np.ndarray  # (U,) vocabulary index of each unit
+    output: str
+    output_index: int
+    norm: Normalizer
+    span: tuple[float, float]  # time range training samples come from
+
+    def spikes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Spike times and vocabulary unit indices."""
+        s = self.session
+        return s.spike_times, self.unit_index[s.spike_units]
+
+
+@dataclass
+class SamplerConfig:
+    batch_size: int = 32
+    sequence: float = 3.0  # s of groups per causal sample
+    burn_in: float = 1.0  # s at a sequence's start without loss (history still builds)
+    max_queries: int = 24
+    window_fraction: float = 0.25  # share of batches trained in window mode
+    unit_dropout: float = 0.5  # probability that a sample drops units
+    min_keep: float = 0.6  # fraction of units kept at least, when dropping
+
+
+class BatchSampler:
+    def __init__(
+        self,
+        sources: list[SessionSource],
+        step: float,
+        context: float,
+        cfg: SamplerConfig,
+        seed: int = 0,
+        modes: tuple[str, ...] = ("causal", "window"),
+    ) -> None:
+        self.sources, self.step, self.context, self.cfg, self.seed = (
+            sources,
+            step,
+            context,
+            cfg,
+            seed,
+        )
+        self.modes = modes
+        durations = np.array([s.span[1] - s.span[0] for s in sources])
+        if np.any(durations <= cfg.sequence):
+            short = [
+                s.session.session_id
+                for s, d in zip(sources, durations, strict=True)
+                if d <= cfg.sequence
+            ]
+            raise ValueError(f"sessions shorter than one training sequence: {short}")
+        w = np.sqrt(durations)  # long sessions get more, but not all, of the batches
+        self.weights = w / w.sum()
+        self._spikes = [s.spikes() for s in sources]
+
+    def mode_of(self, step: int) -> str:
+        if "window" not in self.modes:
+            return "causal"
+        if "causal" not in self.modes:
+            return "window"
+        rng = np.random.default_rng([self.seed, step, 7])
+        return "window" if rng.random() < self.cfg.window_fraction else "causal"
+
+    def batch(self, step: int, rank: int = 0, world: int = 1) -> tuple[str, dict]:
+        """The rank's share of global batch ``step``."""
+        mode = self.mode_of(step)
+        idx = range(rank, self.cfg.batch_size, world)
+        samples = [self._sample(mode, step, i) for i in idx]
+        return mode, (collate_causal(samples) if mode == "causal" else collate_window(samples))
+
+    def _drop_units(self, rng: np.random.Generator, times: np.ndarray, units: np.ndarray):
+        if rng.random() >= self.cfg.unit_dropout:
+            return times, units
+        present = np.unique(units)
+        keep_frac = rng.uniform(self.cfg.min_keep, 1.0)
+        kept = present[rng.random(present.size) < keep_frac]
+        m = np.isin(units, kept)
+        return times[m], units[m]
+
+    def _sample(self, mode: str, step: int, i: int):
+        rng = np.random.default_rng([self.seed, step, i])
+        j = int(rng.choice(len(self.sources), p=self.weights))
+        src = self.sources[j]
+        times, units = self._spikes[j]
+        beh = src.session.behavior[src.output]
+        lo, hi = src.span
+        if mode == "causal":
+            L, s = self.cfg.sequence, self.step
+            G = int(round(L / s))
+            k_lo, k_hi = int(grid_index(lo, s)), int(grid_index(hi - L, s)) - 1
+            k0 = int(rng.integers(k_lo, max(k_hi, k_lo + 1)))
+            t0, t1 = k0 * s, (k0 + G) * s
+            a = np.searchsorted(times, t0, side="right")
+            b = np.searchsorted(times, t1, side="right")
+            st, su = self._drop_units(rng, times[a:b], units[a:b])
+            bt = beh.timestamps
+            qa = np.searchsorted(bt, t0 + self.cfg.burn_in, side="right")
+            qb = np.searchsorted(bt, t1, side="right")
+            q = np.arange(qa, qb)
+            if q.size > self.cfg.max_queries:
+                q = np.sort(rng.choice(q, self.cfg.max_queries, replace=False))
+            sample = tokenize_causal(st, su, k0 + 1, G, s, bt[q])
+            target = src.norm.forward(beh.data[q][sample.meta["query_keep"]])
+        else:
+            bt = beh.timestamps
+            qa = np.searchsorted(bt, lo + self.context, side="left")
+            qb = np.searchsorted(bt, hi, side="left")
+            q = int(rng.integers(qa, max(qb, qa + 1)))
+            t = bt[q]
+            a = np.searchsorted(times, t - self.context, side="right")
+            b = np.searchsorted(times, t, side="right")
+            st, su = self._drop_units(rng, times[a:b], units[a:b])
+            sample = tokenize_window(st, su, t, self.context, self.step)
+            target = src.norm.forward(beh.data[q : q + 1])
+        sample.session = src.session_index
+        sample.output = src.output_index
+        sample.target = target.astype(np.float32)
+        sample.target_mask = np.ones_like(sample.target, dtype=bool)
+        return sample

@@ -1,0 +1,222 @@
+"""Multi-session training: sampling, AdamW with warm-up + cosine, validation R² each
+epoch, checkpoints, resume, and distributed data parallel under torchrun."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from bci_decoder.config import TrainConfig
+from bci_decoder.data.nwb import load_sessions
+from bci_decoder.data.session import Session, time_split
+from bci_decoder.data.simulate import simulate_sessions
+from bci_decoder.decode import CAUSAL_KEYS, WINDOW_KEYS, decode_causal, to_torch
+from bci_decoder.metrics import r2_score
+from bci_decoder.model.poyo import POYO
+from bci_decoder.model.vocab import UnitVocab, Vocab, unit_key
+from bci_decoder.train.checkpoint import Decoder, Normalizer
+from bci_decoder.train.data import BatchSampler, SamplerConfig, SessionSource
+
+
+def gather_sessions(cfg: TrainConfig) -> list[Session]:
+    sessions: list[Session] = []
+    for path in cfg.data.real:
+        sessions.extend(load_sessions(path))
+    if cfg.data.simulate is not None:
+        sessions.extend(simulate_sessions(cfg.data.simulate))
+    if cfg.data.include:
+        sessions = [s for s in sessions if s.session_id in cfg.data.include]
+    sessions = [s for s in sessions if s.session_id not in cfg.data.exclude]
+    if not sessions:
+        raise ValueError("the config selects no sessions (data.real / data.simulate)")
+    ids = [s.session_id for s in sessions]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate session ids: {ids}")
+    return sessions
+
+
+def build_decoder(cfg: TrainConfig, sessions: list[Session]) -> tuple[Decoder, list[SessionSource]]:
+    """Fresh model with vocabularies and normalisers for ``sessions``."""
+    units = UnitVocab(unit_key(s.session_id, u) for s in sessions for u in s.unit_ids)
+    svocab = Vocab(s.session_id for s in sessions)
+    outputs: dict[str, int] = {}
+    for s in sessions:
+        name = s.default_output()
+        outputs.setdefault(name, s.behavior[name].dim)
+    model = POYO(cfg.model, num_units=len(units), num_sessions=len(svocab), outputs=outputs)
+    norms: dict[str, dict[str, Normalizer]] = {}
+    sources = []
+    for s in sessions:
+        split = time_split(s, cfg.data.train_fraction, cfg.data.valid_fraction)
+        name = s.default_output()
+        beh = s.behavior[name].between(*split.train)
+        norm = Normalizer.fit(beh.data)
+        norms[s.session_id] = {name: norm}
+        sources.append(
+            SessionSource(
+                session=s,
+                session_index=svocab[s.session_id],
+                unit_index=units.session_units(s.session_id, s.unit_ids),
+                output=name,
+                output_index=list(outputs).index(name),
+                norm=norm,
+                span=split.train,
+            )
+        )
+    dec = Decoder(model, units, svocab, norms, modes=list(cfg.modes))
+    return dec, sources
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each sample's valid entries, then over samples, so that equal shards of a
+    batch average to the whole batch's loss (DDP equivalence)."""
+    pred = pred[..., : target.shape[-1]]
+    m = mask.float()
+    per_sample = ((pred - target) ** 2 * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp(min=1)
+    return per_sample.mean()
+
+
+def lr_at(step: int, total: int, base: float, warmup: float) -> float:
+    w = max(1, int(warmup * total))
+    if step < w:
+        return base * (step + 1) / w
+    p = (step - w) / max(1, total - w)
+    return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+
+
+def validate(decoder: Decoder, sources: list[SessionSource], cfg: TrainConfig) -> dict[str, float]:
+    """Causal-mode R² on each session's validation tail (at most eval_seconds of it)."""
+    out = {}
+    for src in sources:
+        s = src.session
+        split = time_split(s, cfg.data.train_fraction, cfg.data.valid_fraction)
+        lo, hi = split.valid
+        beh = s.behavior[src.output].between(lo, min(hi, lo + cfg.eval_seconds))
+        if len(beh.timestamps) < 10:
+            continue
+        times, units = src.spikes()
+        z = decode_causal(decoder, times, units, src.session_index, src.output, beh.timestamps)
+        out[s.session_id] = r2_score(beh.data, src.norm.inverse(z))
+    return out
+
+
+def train(
+    cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_at: int | None = None
+) -> Decoder:
+    """Train per ``cfg``; writes ``cfg.out``/{model.safetensors, meta.json, state.pt, log.jsonl}.
+
+    ``resume`` continues from ``state.pt`` (saved each epoch); ``stop_at`` ends the run
+    early after that step, as an interruption would (the schedule is unchanged).
+    """
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    out = Path(cfg.out)
+    sessions = gather_sessions(cfg)
+    decoder, sources = build_decoder(cfg, sessions)
+    decoder.info = {"train_config": cfg.model_dump(), "sessions": [s.session_id for s in sessions]}
+    model = decoder.model
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    )
+    start = 0
+    if resume and (out / "state.pt").exists():
+        state = torch.load(out / "state.pt", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        start = state["step"]
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    sampler = BatchSampler(
+        sources,
+        cfg.model.latent_step,
+        cfg.model.context,
+        SamplerConfig(**cfg.sampler.model_dump()),
+        seed=cfg.seed,
+        modes=tuple(cfg.modes),
+    )
+    is_main = rank == 0
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    log = (out / "log.jsonl").open("a") if is_main else None
+    bar = tqdm(
+        range(start, cfg.optim.steps),
+        initial=start,
+        total=cfg.optim.steps,
+        disable=not (progress and is_main),
+        desc="train",
+        dynamic_ncols=True,
+    )
+    best = -np.inf
+    t0 = time.time()
+    for step in bar:
+        model.train()
+        mode, batch = sampler.batch(step, rank, world)
+        keys = CAUSAL_KEYS if mode == "causal" else WINDOW_KEYS
+        tb = to_torch(batch, keys)
+        target = torch.from_numpy(batch["target"])
+        tmask = torch.from_numpy(batch["target_mask"])
+        pred = ddp_model(mode=mode, **tb)
+        loss = masked_mse(pred, target, tmask)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.optim.steps, cfg.optim.lr, cfg.optim.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        if distributed:  # log the global batch's loss, not this rank's share
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            loss /= world
+        if log is not None:
+            log.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "mode": mode,
+                        "loss": float(loss.detach()),
+                        "t": round(time.time() - t0, 2),
+                    }
+                )
+                + "\n"
+            )
+            log.flush()
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", mode=mode[0])
+        last = step + 1 == cfg.optim.steps or step + 1 == stop_at
+        if is_main and ((step + 1) % cfg.eval_every == 0 or last):
+            r2 = validate(decoder, sources, cfg)
+            mean = float(np.mean(list(r2.values()))) if r2 else float("nan")
+            summary = " ".join(f"{k}={v:.3f}" for k, v in r2.items())
+            tqdm.write(f"step {step + 1}: valid R² mean {mean:.3f} | {summary}")
+            log.write(json.dumps({"step": step + 1, "valid_r2": r2, "valid_mean": mean}) + "\n")
+            log.flush()
+            decoder.info["steps"] = step + 1
+            decoder.info["valid_r2"] = r2
+            decoder.save(out)
+            torch.save(
+                {"model": model.state_dict(), "optim": opt.state_dict(), "step": step + 1},
+                out / "state.pt",
+            )
+            if mean > best:
+                best = mean
+                decoder.save(out / "best")
+        if step + 1 == stop_at:
+            break
+    if log is not None:
+        log.close()
+    if distributed:
+        dist.destroy_process_group()
+    return decoder
