@@ -21,6 +21,7 @@ Modes (see ARCHITECTURE "Two model modes"):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,13 @@ class RotaryAttention(nn.Module):
         self.to_k = nn.Linear(dim, inner, bias=False)
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
+        # Recency prior (ALiBi-like, in seconds): score -= rate_h · |t_q - t_k|, heads with
+        # half-lives from ~20 ms to ~1 s. Without it attention starts uniform over a second
+        # of history, averages the signal away and training sits on a plateau. Fixed, not
+        # learned, so one bias tensor serves every layer of a forward pass.
+        self.register_buffer(
+            "recency", torch.logspace(math.log10(30.0), math.log10(0.7), heads), persistent=False
+        )
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads, self.dim_head))  # (..., inner) -> (..., H, Dh)
@@ -224,6 +232,18 @@ class POYO(nn.Module):
         x = x + attn.to_out(out.flatten(-2))
         return x + self.enc_ffn(x)
 
+    @staticmethod
+    def attention_bias(
+        attn: RotaryAttention, t_q: torch.Tensor, t_kv: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Additive scores (B, H, Lq, Lk): recency prior, -inf where ``mask`` is False."""
+        # time differences in float64 first: absolute times may be hours
+        dt = (t_q[:, :, None] - t_kv[:, None, :]).abs().to(torch.float32)  # (B, Lq, Lk)
+        bias = -attn.recency[None, :, None, None] * dt.unsqueeze(1)
+        if mask is not None:
+            bias = bias.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        return bias
+
     def _attend(
         self,
         attn: RotaryAttention,
@@ -231,18 +251,16 @@ class POYO(nn.Module):
         t_q: torch.Tensor,
         x_kv: torch.Tensor,
         t_kv: torch.Tensor,
-        mask: torch.Tensor | None,
+        bias: torch.Tensor,
+        phases: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
-        """x_q (B, Lq, D) at t_q (B, Lq); x_kv (B, Lk, D) at t_kv; mask (B, Lq, Lk) bool."""
-        qc, qs = self.phases(t_q)
-        kc, ks = self.phases(t_kv)
+        """x_q (B, Lq, D) at t_q (B, Lq); x_kv (B, Lk, D) at t_kv; bias (B, H, Lq, Lk)."""
+        qc, qs, kc, ks = phases if phases is not None else (*self.phases(t_q), *self.phases(t_kv))
         q = rotate(attn.query(x_q), qc, qs).transpose(1, 2)  # (B, H, Lq, Dh)
         k, v = attn.keys_values(x_kv)
         k = rotate(k, kc, ks).transpose(1, 2)
         v = v.transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if mask is None else mask.unsqueeze(1)
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return attn.to_out(out.transpose(1, 2).flatten(-2))
 
     def forward(self, *, mode: str, **batch: torch.Tensor) -> torch.Tensor:
@@ -329,11 +347,13 @@ class POYO(nn.Module):
         mask = mask | (~k_main & (key_owner[:, None, :] == owner[:, :, None]))
 
         states = []
+        bias = self.attention_bias(self.self_attn[0], tok_time, key_time, mask)
+        phases = (*self.phases(tok_time), *self.phases(key_time))
         for layer in range(c.depth):
             prev = cache.states[layer] if cache is not None else x.new_zeros(B, 0, c.dim)
             states.append(torch.cat([prev, x[:, main_x]], 1))
             kv = torch.cat([prev, x], 1)
-            x = x + self._attend(self.self_attn[layer], x, tok_time, kv, key_time, mask)
+            x = x + self._attend(self.self_attn[layer], x, tok_time, kv, key_time, bias, phases)
             x = x + self.self_ffn[layer](x)
         prev = cache.states[c.depth] if cache is not None else x.new_zeros(B, 0, c.dim)
         states.append(torch.cat([prev, x[:, main_x]], 1))
@@ -345,7 +365,8 @@ class POYO(nn.Module):
         dmask = k_main & (kg > qg - W) & (kg < qg)
         dmask = dmask | (key_owner[:, None, :] == torch.arange(Q)[None, :, None])
         kv = torch.cat([prev, x], 1)
-        y = y + self._attend(self.dec_attn, y, query_time, kv, key_time, dmask)
+        dbias = self.attention_bias(self.dec_attn, query_time, key_time, dmask)
+        y = y + self._attend(self.dec_attn, y, query_time, kv, key_time, dbias)
         y = y + self.dec_ffn(y)
         pred = self.readout(y, output)
 
@@ -396,12 +417,15 @@ class POYO(nn.Module):
         )  # (B, K, n, D)
         x = lat.flatten(1, 2)
         t = latent_time.repeat_interleave(n, 1)
+        bias = self.attention_bias(self.self_attn[0], t, t, None)
+        phases = (*self.phases(t), *self.phases(t))
         for layer in range(c.depth):
-            x = x + self._attend(self.self_attn[layer], x, t, x, t, None)
+            x = x + self._attend(self.self_attn[layer], x, t, x, t, bias, phases)
             x = x + self.self_ffn[layer](x)
         y = self.session_emb(session)[:, None] + self.output_emb(output)[:, None]
         y = y.expand(B, Q, -1)
-        y = y + self._attend(self.dec_attn, y, query_time, x, t, None)
+        dbias = self.attention_bias(self.dec_attn, query_time, t, None)
+        y = y + self._attend(self.dec_attn, y, query_time, x, t, dbias)
         y = y + self.dec_ffn(y)
         del query_mask
         return self.readout(y, output)

@@ -91,8 +91,13 @@ class BatchSampler:
     def batch(self, step: int, rank: int = 0, world: int = 1) -> tuple[str, dict]:
         """The rank's share of global batch ``step``."""
         mode = self.mode_of(step)
+        # one session per batch: sessions differ ten-fold in spikes per group, and a mixed
+        # batch pads every sample to the densest one
+        j = int(
+            np.random.default_rng([self.seed, step, 11]).choice(len(self.sources), p=self.weights)
+        )
         idx = range(rank, self.cfg.batch_size, world)
-        samples = [self._sample(mode, step, i) for i in idx]
+        samples = [self._sample(mode, step, i, j) for i in idx]
         return mode, (collate_causal(samples) if mode == "causal" else collate_window(samples))
 
     def _drop_units(self, rng: np.random.Generator, times: np.ndarray, units: np.ndarray):
@@ -104,9 +109,8 @@ class BatchSampler:
         m = np.isin(units, kept)
         return times[m], units[m]
 
-    def _sample(self, mode: str, step: int, i: int):
+    def _sample(self, mode: str, step: int, i: int, j: int):
         rng = np.random.default_rng([self.seed, step, i])
-        j = int(rng.choice(len(self.sources), p=self.weights))
         src = self.sources[j]
         times, units = self._spikes[j]
         beh = src.session.behavior[src.output]
