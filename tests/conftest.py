@@ -1,0 +1,29 @@
+"""Shared fixtures. Real recordings live in ../shared/data/real (never in the repo): a
+test that needs them skips with a clear message when they are absent, except in CI
+(CI=true), where a missing data folder is a failure."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(os.environ.get("BCI_REAL_DATA", ROOT.parent / "shared" / "data" / "real"))
+
+
+def require_real_data(name: str | None = None) -> Path:
+    """Path of the real-data folder (or one file in it); skip, or fail in CI, if absent."""
+    path = REAL_DATA / name if name else REAL_DATA
+    if not path.exists():
+        msg = f"real recordings not found at {path} (set BCI_REAL_DATA to their folder)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg + "; in CI the data folder is required")
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    return require_real_data()
