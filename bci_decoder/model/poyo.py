@@ -300,24 +300,24 @@ class POYO(nn.Module):
         g_time = group_index.to(torch.float64) * step  # (B, G)
 
         # partial groups: the owning group's spikes up to the query time
-        k, v = self.spike_keys(spike_unit, spike_time)  # (B, G, S, H, Dh)
         slot = (query_group - group_index[:, :1]).clamp(0, G - 1)  # (B, Q)
         gather = slot[:, :, None].expand(B, Q, S)
         p_time = torch.gather(spike_time, 1, gather)
         p_mask = torch.gather(spike_mask, 1, gather) & (p_time <= query_time[:, :, None])
-        g5 = slot[:, :, None, None, None].expand(B, Q, *k.shape[2:])
-        emb = self.unit_emb(torch.cat([spike_unit, torch.gather(spike_unit, 1, gather)], 1))
-        mask = torch.cat([spike_mask, p_mask], 1)  # (B, G+Q, S)
-        unit_sum = (emb * mask.unsqueeze(-1)).sum(2)  # (B, G+Q, D)
+        units = torch.cat([spike_unit, torch.gather(spike_unit, 1, gather)], 1)  # (B, G+Q, S)
+        times = torch.cat([spike_time, p_time], 1)
+        mask = torch.cat([spike_mask, p_mask], 1)
+        k, v = self.spike_keys(units, times)  # (B, G+Q, S, H, Dh)
+        unit_sum = F.embedding_bag(
+            units.flatten(0, 1),
+            self.unit_emb.weight,
+            mode="sum",
+            per_sample_weights=mask.flatten(0, 1).to(self.unit_emb.weight.dtype),
+        ).unflatten(0, (B, G + Q))  # (B, G+Q, D) without a (B, G+Q, S, D) tensor
         q_elapsed = (query_time - (query_group - 1).to(torch.float64) * step) / step
         elapsed = torch.cat([torch.ones_like(g_time), q_elapsed], 1).to(torch.float32)
         lat = self.encode(
-            torch.cat([g_time, query_time], 1),
-            torch.cat([k, torch.gather(k, 1, g5)], 1),
-            torch.cat([v, torch.gather(v, 1, g5)], 1),
-            mask,
-            unit_sum,
-            elapsed,
+            torch.cat([g_time, query_time], 1), k, v, mask, unit_sum, elapsed
         )  # (B, G+Q, n, D)
         x = lat.flatten(1, 2)  # (B, (G+Q)·n, D)
 
