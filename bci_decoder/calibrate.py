@@ -27,10 +27,10 @@ from bci_decoder.train.loop import masked_mse
 
 @dataclass
 class CalibrationSettings:
-    steps: int = 300
-    lr: float = 2e-2
-    batch_size: int = 12
-    sequence: float = 2.0
+    steps: int = 150
+    lr: float = 3e-2
+    batch_size: int = 8
+    sequence: float = 1.5
     burn_in: float = 0.5
     max_queries: int = 16
     threads: int = 0  # 0: torch's default
@@ -161,7 +161,7 @@ def calibrate_report(
     session: Session,
     seconds: float = 60.0,
     output: str | None = None,
-    steps: int = 300,
+    steps: int = 150,
     baselines: bool = True,
     settings: CalibrationSettings | None = None,
 ) -> tuple[dict[str, Any], Decoder]:

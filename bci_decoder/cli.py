@@ -133,7 +133,7 @@ def calibrate(
     output: Annotated[
         str | None, typer.Option(help="Behaviour to decode (default hand_vel, else force)")
     ] = None,
-    steps: Annotated[int, typer.Option(help="Optimisation steps")] = 300,
+    steps: Annotated[int, typer.Option(help="Optimisation steps")] = 150,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the report JSON here")
     ] = None,

@@ -194,7 +194,7 @@ class POYO(nn.Module):
 
     def encode(
         self,
-        q_time: torch.Tensor,
+        q_phases: tuple[torch.Tensor, torch.Tensor],
         k: torch.Tensor,
         v: torch.Tensor,
         spike_mask: torch.Tensor,
@@ -203,19 +203,17 @@ class POYO(nn.Module):
     ) -> torch.Tensor:
         """Latent groups attend to their spikes.
 
-        q_time (B, G) float64 latent time of each group; k, v (B, G, S, H, Dh) rotated
+        q_phases: cos, sin (B, G, Dh/2) of each group's latent time; k, v (B, G, S, H, Dh) rotated
         spike keys/values, mask (B, G, S); or (B, 1, S, ...) when every group sees the same
         spikes (window mode). unit_sum (B, G, D): sum of the unit embeddings of the
         group's own spikes; elapsed (B, G): seen fraction of the group's step, in (0, 1].
         Returns latents (B, G, n, D).
         """
         attn = self.enc_attn
-        B, G = q_time.shape
         x = self.latent_emb + (
             self.count_proj(unit_sum) + elapsed.unsqueeze(-1) * self.elapsed_emb
         ).unsqueeze(2)  # (B, G, n, D)
-        qc, qs = self.phases(q_time)  # (B, G, Dh/2)
-        qc, qs = qc.unsqueeze(2), qs.unsqueeze(2)  # (B, G, 1, Dh/2): same for n latents
+        qc, qs = q_phases[0].unsqueeze(2), q_phases[1].unsqueeze(2)  # (B, G, 1, Dh/2)
         q_plain = attn.query(x)  # (B, G, n, H, Dh)
         q = rotate(q_plain, qc, qs)
         scale = attn.dim_head**-0.5
@@ -317,7 +315,7 @@ class POYO(nn.Module):
         q_elapsed = (query_time - (query_group - 1).to(torch.float64) * step) / step
         elapsed = torch.cat([torch.ones_like(g_time), q_elapsed], 1).to(torch.float32)
         lat = self.encode(
-            torch.cat([g_time, query_time], 1), k, v, mask, unit_sum, elapsed
+            self.phases(torch.cat([g_time, query_time], 1)), k, v, mask, unit_sum, elapsed
         )  # (B, G+Q, n, D)
         x = lat.flatten(1, 2)  # (B, (G+Q)·n, D)
 
@@ -413,7 +411,12 @@ class POYO(nn.Module):
             1, slot.unsqueeze(-1).expand_as(emb), emb
         )  # (B, K, D)
         lat = self.encode(
-            latent_time, k, v, spike_mask[:, None], unit_sum, torch.ones_like(latent_time).float()
+            self.phases(latent_time),
+            k,
+            v,
+            spike_mask[:, None],
+            unit_sum,
+            torch.ones_like(latent_time).float(),
         )  # (B, K, n, D)
         x = lat.flatten(1, 2)
         t = latent_time.repeat_interleave(n, 1)
