@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bci_decoder.config import TrainConfig
-from bci_decoder.decode import decode_causal, session_tokens
+from bci_decoder.decode import decode_causal, decode_window, session_tokens
 from bci_decoder.export.onnx_export import export_step
 from bci_decoder.runtime.engine import StreamingEngine
 from bci_decoder.train.loop import build_decoder, gather_sessions
@@ -35,7 +35,9 @@ def setup(tmp_path_factory):
     with torch.no_grad():  # non-trivial weights on every path
         for p in dec.model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    onnx_path = export_step(dec, tmp_path_factory.mktemp("onnx"), capacity=512)
+    onnx_path = export_step(
+        dec, tmp_path_factory.mktemp("onnx"), capacity=512, window_capacity=2048
+    )
     return dec, sessions[0], str(onnx_path)
 
 
@@ -112,3 +114,23 @@ def test_bad_spikes_are_counted_not_fatal(setup):
     assert eng.stats.rejected_out_of_order == 1
     assert eng.stats.rejected_unknown_unit == 1
     assert np.all(np.isfinite(eng.step(1.05)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_window_mode_matches_offline(setup, backend):
+    """Window mode: cached spike keys, latents recomputed each step == offline windows."""
+    dec, session, onnx_path = setup
+    queries = 1.0 + 0.001 * np.arange(10_000 if backend == "onnx" else 500) + 0.0003
+    times, units, sidx = session_tokens(dec, session)
+    ref = decode_window(dec, times, units, sidx, "hand_vel", queries)
+    eng = StreamingEngine(
+        dec,
+        session.session_id,
+        mode="window",
+        backend=backend,
+        onnx_path=onnx_path,
+        max_spikes_per_window=2048,
+    )
+    got = stream(eng, session, queries)
+    assert eng.stats.rejected_overflow == 0
+    assert np.abs(got - ref).max() <= 1e-4 * ref.std()

@@ -34,58 +34,54 @@ def read_nwb(path: str | Path) -> Session:
     if not path.exists():
         raise FileNotFoundError(f"no NWB file at {path}")
     with _quiet_hdmf(), pynwb.NWBHDF5IO(str(path), "r", load_namespaces=True) as io:
-            nwb = io.read()
-            if nwb.units is None or len(nwb.units) == 0:
-                raise ValueError(f"{path}: the file has no units table with spike_times")
-            units = nwb.units
-            cols = units.colnames
-            n = len(units)
-            names = (
-                [str(x) for x in units["unit_name"][:]]
-                if "unit_name" in cols
-                else [f"unit{int(i):03d}" for i in units.id[:]]
-            )
-            areas = (
-                [str(x) for x in units["brain_area"][:]]
-                if "brain_area" in cols
-                else (["unknown"] * n)
-            )
-            st = units["spike_times"]
-            per_unit = [np.asarray(st[i], dtype=np.float64) for i in range(n)]
-            times = np.concatenate(per_unit) if n else np.zeros(0)
-            idx = np.concatenate(
-                [np.full(len(p), i, dtype=np.int32) for i, p in enumerate(per_unit)]
-            )
-            behavior: dict[str, Behavior] = {}
-            if "behavior" in nwb.processing:
-                for name, ts in nwb.processing["behavior"].data_interfaces.items():
-                    if not hasattr(ts, "data"):
-                        continue
-                    data = np.asarray(ts.data[:], dtype=np.float32)
-                    if ts.timestamps is not None:
-                        stamps = np.asarray(ts.timestamps[:], dtype=np.float64)
-                    else:
-                        rate = float(ts.rate)
-                        stamps = float(ts.starting_time or 0.0) + np.arange(len(data)) / rate
-                    behavior[name] = Behavior(name, stamps, data, str(ts.unit or ""))
-            trials: dict[str, np.ndarray] = {}
-            if nwb.trials is not None:
-                for c in nwb.trials.colnames:
-                    trials[c] = np.asarray(nwb.trials[c][:])
-            domain = _domain(times, behavior)
-            subject = nwb.subject.subject_id if nwb.subject is not None else "unknown"
-            return Session(
-                session_id=str(nwb.identifier),
-                subject=str(subject),
-                spike_times=times,
-                spike_units=idx,
-                unit_ids=names,
-                brain_areas=areas,
-                behavior=behavior,
-                domain=domain,
-                trials=trials,
-                description=str(nwb.session_description),
-            )
+        nwb = io.read()
+        if nwb.units is None or len(nwb.units) == 0:
+            raise ValueError(f"{path}: the file has no units table with spike_times")
+        units = nwb.units
+        cols = units.colnames
+        n = len(units)
+        names = (
+            [str(x) for x in units["unit_name"][:]]
+            if "unit_name" in cols
+            else [f"unit{int(i):03d}" for i in units.id[:]]
+        )
+        areas = (
+            [str(x) for x in units["brain_area"][:]] if "brain_area" in cols else (["unknown"] * n)
+        )
+        st = units["spike_times"]
+        per_unit = [np.asarray(st[i], dtype=np.float64) for i in range(n)]
+        times = np.concatenate(per_unit) if n else np.zeros(0)
+        idx = np.concatenate([np.full(len(p), i, dtype=np.int32) for i, p in enumerate(per_unit)])
+        behavior: dict[str, Behavior] = {}
+        if "behavior" in nwb.processing:
+            for name, ts in nwb.processing["behavior"].data_interfaces.items():
+                if not hasattr(ts, "data"):
+                    continue
+                data = np.asarray(ts.data[:], dtype=np.float32)
+                if ts.timestamps is not None:
+                    stamps = np.asarray(ts.timestamps[:], dtype=np.float64)
+                else:
+                    rate = float(ts.rate)
+                    stamps = float(ts.starting_time or 0.0) + np.arange(len(data)) / rate
+                behavior[name] = Behavior(name, stamps, data, str(ts.unit or ""))
+        trials: dict[str, np.ndarray] = {}
+        if nwb.trials is not None:
+            for c in nwb.trials.colnames:
+                trials[c] = np.asarray(nwb.trials[c][:])
+        domain = _domain(times, behavior)
+        subject = nwb.subject.subject_id if nwb.subject is not None else "unknown"
+        return Session(
+            session_id=str(nwb.identifier),
+            subject=str(subject),
+            spike_times=times,
+            spike_units=idx,
+            unit_ids=names,
+            brain_areas=areas,
+            behavior=behavior,
+            domain=domain,
+            trials=trials,
+            description=str(nwb.session_description),
+        )
 
 
 def _domain(times: np.ndarray, behavior: dict[str, Behavior]) -> tuple[float, float]:

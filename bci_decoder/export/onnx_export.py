@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bci_decoder.model.step import CausalStep
+from bci_decoder.model.step import CausalStep, WindowStep
 from bci_decoder.train.checkpoint import Decoder
 
 INPUTS = [
@@ -28,6 +28,19 @@ INPUTS = [
     "cache_sin",
     "cache_dt",
     "cache_mask",
+    "query",
+]
+WINDOW_INPUTS = [
+    "spike_k",
+    "spike_v",
+    "spike_mask",
+    "group_sum",
+    "lat_cos",
+    "lat_sin",
+    "self_dt",
+    "dec_dt",
+    "dec_cos",
+    "dec_sin",
     "query",
 ]
 OPSET = 17
@@ -59,41 +72,88 @@ def example_feeds(decoder: Decoder, capacity: int, seed: int = 0) -> dict[str, n
     }
 
 
-def export_step(decoder: Decoder, out: str | Path, capacity: int = 2048) -> Path:
-    """Write ``out``/causal_step.onnx (+ export.json); validated by onnx.checker and a
-    parity run against torch before anything is written."""
+def window_feeds(decoder: Decoder, capacity: int, seed: int = 0) -> dict[str, np.ndarray]:
+    c = decoder.config
+    rng = np.random.default_rng(seed)
+    H, Dh, D, n = c.cross_heads, c.dim_head, c.dim, c.latents_per_group
+    K = int(round(c.context / c.latent_step))
+    half = Dh // 2
+    ang = rng.uniform(0, 2 * np.pi, (K + 1, half))
+    lt = np.repeat(np.arange(K) * c.latent_step, n)
+    f32 = np.float32
+    return {
+        "spike_k": rng.normal(size=(capacity, H, Dh)).astype(f32),
+        "spike_v": rng.normal(size=(capacity, H, Dh)).astype(f32),
+        "spike_mask": np.arange(capacity) < capacity // 3,
+        "group_sum": rng.normal(size=(K, D)).astype(f32),
+        "lat_cos": np.cos(ang[1:]).astype(f32),
+        "lat_sin": np.sin(ang[1:]).astype(f32),
+        "self_dt": np.abs(lt[:, None] - lt[None, :]).astype(f32),
+        "dec_dt": (lt[-1] - lt).astype(f32),
+        "dec_cos": np.cos(ang[0]).astype(f32),
+        "dec_sin": np.sin(ang[0]).astype(f32),
+        "query": rng.normal(size=D).astype(f32),
+    }
+
+
+def _export_checked(
+    module: torch.nn.Module, feeds: dict, names: list[str], outputs: list[str], path: Path
+) -> Path:
+    """Export, run onnx.checker and a parity run against torch; write only if all pass."""
     import onnx
     import onnxruntime as ort
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    step = CausalStep(decoder.model.eval()).eval()
-    feeds = example_feeds(decoder, capacity)
-    args = tuple(torch.from_numpy(feeds[k]) for k in INPUTS)
-    tmp = out / "causal_step.onnx.tmp"
+    args = tuple(torch.from_numpy(feeds[k]) for k in names)
+    tmp = path.with_suffix(".onnx.tmp")
     torch.onnx.export(
-        step,
+        module,
         args,
         str(tmp),
-        input_names=INPUTS,
-        output_names=["prediction", "states"],
+        input_names=names,
+        output_names=outputs,
         opset_version=OPSET,
         dynamo=False,
     )
-    model = onnx.load(str(tmp))
-    onnx.checker.check_model(model)
+    onnx.checker.check_model(onnx.load(str(tmp)))
     sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     got = sess.run(None, feeds)
     with torch.no_grad():
-        want = step(*args)
+        want = module(*args)
+    want = want if isinstance(want, tuple) else (want,)
     for g, w in zip(got, want, strict=True):
         err = float(np.abs(g - w.numpy()).max())
         if err > 1e-4 * max(1.0, float(w.abs().max())):
             tmp.unlink()
-            raise RuntimeError(f"ONNX export differs from torch by {err}: not written")
-    final = out / "causal_step.onnx"
-    tmp.replace(final)
-    (out / "export.json").write_text(
-        json.dumps({"opset": OPSET, "capacity": capacity, "inputs": INPUTS}, indent=1)
+            raise RuntimeError(f"{path.name}: ONNX differs from torch by {err}; not written")
+    tmp.replace(path)
+    return path
+
+
+def export_step(
+    decoder: Decoder, out: str | Path, capacity: int = 2048, window_capacity: int = 8192
+) -> Path:
+    """Write ``out``/{causal_step.onnx, window_step.onnx, export.json}; returns ``out``.
+
+    Shapes are fixed: ``capacity`` spikes per causal group, ``window_capacity`` spikes
+    in the window ring.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = decoder.model.eval()
+    _export_checked(
+        CausalStep(model).eval(),
+        example_feeds(decoder, capacity),
+        INPUTS,
+        ["prediction", "states"],
+        out / "causal_step.onnx",
     )
-    return final
+    _export_checked(
+        WindowStep(model).eval(),
+        window_feeds(decoder, window_capacity),
+        WINDOW_INPUTS,
+        ["prediction"],
+        out / "window_step.onnx",
+    )
+    meta = {"opset": OPSET, "capacity": capacity, "window_capacity": window_capacity}
+    (out / "export.json").write_text(json.dumps(meta, indent=1))
+    return out

@@ -96,3 +96,61 @@ class CausalStep(nn.Module):
         y = m.dec_norm(y + m.dec_ffn(y))
         pred = torch.cat([m.heads[name](y)[0, 0] for name in m.output_names], 0)
         return pred, torch.stack(states, 0)
+
+
+class WindowStep(nn.Module):
+    """Window mode for one stream: latents recomputed each step from cached spike keys.
+
+    spike_k, spike_v  (N, H, Dh) rotated keys/values of the ring's spikes
+    spike_mask        (N,) bool: spikes inside (t - W, t]
+    group_sum         (K, D) sum of unit embeddings of each latent group's own spikes
+    lat_cos, lat_sin  (K, Dh/2) phases of the latent times t - W + k·s
+    self_dt           (K·n, K·n) |time differences| between latents (seconds)
+    dec_dt            (K·n,) t - latent time
+    dec_cos, dec_sin  (Dh/2,) phases of t
+    query             (D,)
+    Output: prediction (sum of head dims,).
+    """
+
+    def __init__(self, model: POYO) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        spike_k: torch.Tensor,
+        spike_v: torch.Tensor,
+        spike_mask: torch.Tensor,
+        group_sum: torch.Tensor,
+        lat_cos: torch.Tensor,
+        lat_sin: torch.Tensor,
+        self_dt: torch.Tensor,
+        dec_dt: torch.Tensor,
+        dec_cos: torch.Tensor,
+        dec_sin: torch.Tensor,
+        query: torch.Tensor,
+    ) -> torch.Tensor:
+        m = self.model
+        n = m.config.latents_per_group
+        K = lat_cos.shape[0]
+        x = m.encode(
+            (lat_cos[None], lat_sin[None]),
+            spike_k[None, None],
+            spike_v[None, None],
+            spike_mask[None, None],
+            group_sum[None],
+            torch.ones(1, K),
+        ).flatten(1, 2)  # (1, K·n, D)
+        tc = lat_cos.repeat_interleave(n, 0)[None]  # (1, K·n, Dh/2)
+        ts = lat_sin.repeat_interleave(n, 0)[None]
+        sbias = (-m.self_attn[0].recency[:, None, None] * self_dt[None])[None]  # (1, H, Kn, Kn)
+        for layer in range(m.config.depth):
+            x = x + m._attend(m.self_attn[layer], x, None, x, None, sbias, (tc, ts, tc, ts))
+            x = x + m.self_ffn[layer](x)
+        dbias = (-m.dec_attn.recency[:, None, None] * dec_dt[None, None])[None]  # (1, H, 1, Kn)
+        y = query[None, None]
+        y = y + m._attend(
+            m.dec_attn, y, None, x, None, dbias, (dec_cos[None, None], dec_sin[None, None], tc, ts)
+        )
+        y = m.dec_norm(y + m.dec_ffn(y))
+        return torch.cat([m.heads[name](y)[0, 0] for name in m.output_names], 0)

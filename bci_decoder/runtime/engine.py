@@ -14,11 +14,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from bci_decoder.model.step import CausalStep
+from bci_decoder.model.step import CausalStep, WindowStep
 from bci_decoder.tokenizer import grid_index
 from bci_decoder.train.checkpoint import Decoder
 
@@ -54,21 +55,24 @@ class EngineStats:
 
 
 class TorchStepRunner:
-    """Runs ``CausalStep`` with torch (the reference backend)."""
+    """Runs a step module (``CausalStep`` or ``WindowStep``) with torch: the reference."""
 
-    def __init__(self, step: CausalStep) -> None:
+    def __init__(self, step: torch.nn.Module) -> None:
         self.step = step.eval()
 
     @torch.no_grad()
-    def __call__(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        args = {k: torch.from_numpy(v) for k, v in feeds.items()}
-        pred, states = self.step(**args)
-        return pred.numpy(), states.numpy()
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        out = self.step(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        return [o.numpy() for o in out] if isinstance(out, tuple) else [out.numpy()]
 
 
 class StreamingEngine:
     """Decode one session's stream. ``push`` spikes (session-local unit indices), then
-    ``step(t)`` returns the behaviour at t (in the behaviour's units)."""
+    ``step(t)`` returns the behaviour at t (in the behaviour's units).
+
+    ``mode="causal"``: cached latent groups (the fast path). ``mode="window"``: a ring of
+    the last ``context`` seconds of spike keys; latents recomputed every step.
+    """
 
     def __init__(
         self,
@@ -76,10 +80,15 @@ class StreamingEngine:
         session_id: str,
         output: str | None = None,
         *,
+        mode: str = "causal",
         backend: str = "torch",
         max_spikes_per_group: int = 2048,
+        max_spikes_per_window: int = 8192,
         onnx_path: str | None = None,
     ) -> None:
+        if mode not in ("causal", "window"):
+            raise ValueError(f"mode must be 'causal' or 'window', not {mode!r}")
+        self.mode = mode
         self.decoder = decoder
         model = decoder.model.eval()
         c = self.config = decoder.config
@@ -91,12 +100,21 @@ class StreamingEngine:
         self.periods = model.periods.numpy()
         self.L = max(c.context_groups - 1, 1) * self.n
         self.capacity = max_spikes_per_group
+        self.ring_capacity = max_spikes_per_window
+        self.K = int(round(c.context / c.latent_step))
         if backend == "torch":
-            self.runner = TorchStepRunner(CausalStep(model))
+            self.runner = TorchStepRunner(
+                CausalStep(model) if mode == "causal" else WindowStep(model)
+            )
         elif backend == "onnx":
             from bci_decoder.runtime.onnx_runner import OnnxStepRunner
 
-            self.runner = OnnxStepRunner(onnx_path)
+            if onnx_path is None:
+                raise ValueError(
+                    "the onnx backend needs the folder written by `bci-decoder export`"
+                )
+            name = "causal_step.onnx" if mode == "causal" else "window_step.onnx"
+            self.runner = OnnxStepRunner(str(Path(onnx_path) / name))
         else:
             raise ValueError(f"backend must be 'torch' or 'onnx', not {backend!r}")
         self.stats = EngineStats()
@@ -159,6 +177,13 @@ class StreamingEngine:
         self.cache_sin = np.zeros((self.L, self.half), np.float32)
         self.cache_slot = 0
         self.last_time = -np.inf
+        # window mode: ring of the last spikes (keys cached on arrival)
+        R = self.ring_capacity
+        self.ring_k = np.zeros((R, H, Dh), np.float32)
+        self.ring_v = np.zeros((R, H, Dh), np.float32)
+        self.ring_t = np.full(R, -np.inf, np.float64)
+        self.ring_u = np.zeros(R, np.int64)
+        self.ring_head = 0
 
     # ------------------------------------------------------------------ spikes
     def push(self, times: np.ndarray, units: np.ndarray) -> int:
@@ -178,18 +203,26 @@ class StreamingEngine:
             if t < self.last_time:
                 self.stats.rejected_out_of_order += 1
                 continue
-            g = int(grid_index(t, self.step_s))
-            self._advance_to(g)
-            if self.count >= self.capacity:
+            if self.mode == "causal":
+                self._advance_to(int(grid_index(t, self.step_s)))
+            if self.mode == "causal" and self.count >= self.capacity:
                 self.stats.rejected_overflow += 1
                 continue
             vocab = self.local_to_vocab[u]
             cos, sin = _phases(t, self.periods, self.half)
-            self.k_buf[self.count] = _rotate(self.k_tab[vocab], cos, sin)
+            k = _rotate(self.k_tab[vocab], cos, sin)
             v = self.v_tab[vocab]
-            self.v_buf[self.count] = _rotate(v, cos, sin) if self.rotate_values else v
-            self.unit_sum += self.emb[vocab]
-            self.count += 1
+            v = _rotate(v, cos, sin) if self.rotate_values else v
+            if self.mode == "causal":
+                self.k_buf[self.count], self.v_buf[self.count] = k, v
+                self.unit_sum += self.emb[vocab]
+                self.count += 1
+            else:
+                h = self.ring_head
+                if np.isfinite(self.ring_t[h]) and self.ring_t[h] > t - self.config.context:
+                    self.stats.rejected_overflow += 1  # would overwrite a spike still in use
+                self.ring_k[h], self.ring_v[h], self.ring_t[h], self.ring_u[h] = k, v, t, vocab
+                self.ring_head = (h + 1) % self.ring_capacity
             self.last_time = t
             accepted += 1
         self.stats.spikes += accepted
@@ -220,7 +253,7 @@ class StreamingEngine:
         """Run the current group at its end time and cache its states."""
         g = self.group
         tau = g * self.step_s
-        _, states = self.runner(self._feeds(tau, 1.0))
+        _, states = self.runner(self._feeds(tau, 1.0))  # (depth+1, n, D)
         for j in range(self.n):
             s = self.cache_slot
             self.cache_states[:, s] = states[:, j]
@@ -241,15 +274,46 @@ class StreamingEngine:
             self._finish_group()
             self.group += 1
 
+    def _window_feeds(self, t: float) -> dict[str, np.ndarray]:
+        W, s, n, K = self.config.context, self.step_s, self.n, self.K
+        mask = (self.ring_t > t - W) & (self.ring_t <= t)
+        # the same float64 expressions as tokenize_window / forward_window
+        lt = t - W + s * np.arange(1, K + 1, dtype=np.float64)  # (K,)
+        start = lt[0] - s
+        slot = np.clip(np.ceil((self.ring_t[mask] - start) / s).astype(np.int64) - 1, 0, K - 1)
+        group_sum = np.zeros((K, self.dim), np.float32)
+        np.add.at(group_sum, slot, self.emb[self.ring_u[mask]])
+        lc, ls = _phases(lt, self.periods, self.half)
+        dc, ds = _phases(t, self.periods, self.half)
+        tt = np.repeat(lt, n)
+        return {
+            "spike_k": self.ring_k,
+            "spike_v": self.ring_v,
+            "spike_mask": mask,
+            "group_sum": group_sum,
+            "lat_cos": lc,
+            "lat_sin": ls,
+            "self_dt": np.abs(tt[:, None] - tt[None, :]).astype(np.float32),
+            "dec_dt": np.abs(t - tt).astype(np.float32),
+            "dec_cos": dc,
+            "dec_sin": ds,
+            "query": self.query,
+        }
+
     def step(self, t: float) -> np.ndarray:
         """Behaviour at time t from every spike pushed so far with time <= t."""
         t0 = time.perf_counter()
+        if self.mode == "window":
+            pred = self.runner(self._window_feeds(t))[0]
+            self.stats.steps += 1
+            self.stats.step_ms.append((time.perf_counter() - t0) * 1e3)
+            return self.norm.inverse(pred[self.out_slice])
         g = int(grid_index(t, self.step_s))
         if self.group is not None and g < self.group:
             raise ValueError(f"step time {t} is before the current group; steps must move forward")
         self._advance_to(g)
         elapsed = (t - (g - 1) * self.step_s) / self.step_s
-        pred, _ = self.runner(self._feeds(t, elapsed))
+        pred = self.runner(self._feeds(t, elapsed))[0]
         self.stats.steps += 1
         self.stats.step_ms.append((time.perf_counter() - t0) * 1e3)
         return self.norm.inverse(pred[self.out_slice])

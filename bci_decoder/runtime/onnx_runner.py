@@ -28,6 +28,5 @@ class OnnxStepRunner:
         self.session = ort.InferenceSession(path, opts, providers=choose_providers())
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def __call__(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        pred, states = self.session.run(self.output_names, feeds)
-        return pred, states
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(self.output_names, feeds)
