@@ -167,6 +167,24 @@ def calibrate(
 
 
 @app.command()
+def export(
+    model: Annotated[Path, typer.Option(help="Model folder")] = DEFAULT_MODEL,
+    out: Annotated[Path, typer.Option(help="Folder for the ONNX graphs")] = Path("out/onnx"),
+    capacity: Annotated[
+        int, typer.Option(help="Spikes per 50 ms causal group the graph holds")
+    ] = 2048,
+    window_capacity: Annotated[int, typer.Option(help="Spikes per window (window mode)")] = 8192,
+) -> None:
+    """ONNX graphs of the streaming step (causal and window modes), checked before writing.
+
+    The per-unit tables stay outside the graphs, so a calibration changes data, not graphs."""
+    from bci_decoder.export.onnx_export import export_step
+
+    path = export_step(_load_decoder(model), out, capacity, window_capacity)
+    typer.echo(f"wrote {path}/causal_step.onnx and {path}/window_step.onnx")
+
+
+@app.command()
 def demo(
     model: Annotated[Path, typer.Option(help="Model folder")] = DEFAULT_MODEL,
     data: Annotated[Path, typer.Option(help="Real recordings (skipped if absent)")] = DEFAULT_REAL,
