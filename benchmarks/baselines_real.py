@@ -51,7 +51,10 @@ ORDER = list(REFERENCE["wiener"])
 
 def run(data: Path, which: tuple[str, ...], seed: int) -> list[dict]:
     """One row per session: output name, sizes, and R²/fit seconds per baseline."""
-    files = sorted(data.glob("*.nwb"), key=lambda p: (p.stem not in ORDER, ORDER.index(p.stem) if p.stem in ORDER else 0, p.stem))
+    files = sorted(
+        data.glob("*.nwb"),
+        key=lambda p: (p.stem not in ORDER, ORDER.index(p.stem) if p.stem in ORDER else 0, p.stem),
+    )
     if not files:
         raise SystemExit(f"no .nwb files in {data}")
     rows = []
