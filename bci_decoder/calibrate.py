@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bci_decoder.config import SamplerSettings
 from bci_decoder.data.session import Session, time_split
 from bci_decoder.decode import CAUSAL_KEYS, decode_causal, session_tokens, to_torch
 from bci_decoder.metrics import r2_score
 from bci_decoder.model.vocab import unit_key
 from bci_decoder.train.checkpoint import Decoder, Normalizer
-from bci_decoder.train.data import BatchSampler, SamplerConfig, SessionSource
+from bci_decoder.train.data import BatchSampler, SessionSource
 from bci_decoder.train.loop import masked_mse
 
 
@@ -105,7 +106,7 @@ def fit_units(
         [src],
         dec.config.latent_step,
         dec.config.context,
-        SamplerConfig(
+        SamplerSettings(
             batch_size=st.batch_size,
             sequence=st.sequence,
             burn_in=st.burn_in,

@@ -24,15 +24,17 @@ class DataConfig(BaseModel):
 
 
 class SamplerSettings(BaseModel):
+    """How training batches are drawn (``BatchSampler``)."""
+
     model_config = ConfigDict(extra="forbid")
 
     batch_size: int = 32
-    sequence: float = 3.0
-    burn_in: float = 1.0
-    max_queries: int = 24
-    window_fraction: float = 0.25
-    unit_dropout: float = 0.5
-    min_keep: float = 0.6
+    sequence: float = 3.0  # s of groups per causal sample
+    burn_in: float = 1.0  # s at a sequence's start without loss (history still builds)
+    max_queries: int = 24  # behaviour targets per causal sample, at most
+    window_fraction: float = 0.25  # share of batches trained in window mode
+    unit_dropout: float = 0.5  # probability that a sample drops units
+    min_keep: float = 0.6  # fraction of units kept at least, when dropping
 
 
 class OptimConfig(BaseModel):

@@ -60,20 +60,20 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from bci_decoder.config import DataConfig, TrainConfig  # noqa: E402
+from bci_decoder.config import DataConfig, SamplerSettings, TrainConfig  # noqa: E402
 from bci_decoder.data.session import Session, time_split  # noqa: E402
 from bci_decoder.data.simulate import SimConfig, simulate_session  # noqa: E402
 from bci_decoder.decode import CAUSAL_KEYS, WINDOW_KEYS, to_torch  # noqa: E402
 from bci_decoder.model.poyo import POYOConfig  # noqa: E402
 from bci_decoder.model.vocab import unit_key  # noqa: E402
-from bci_decoder.train.data import BatchSampler, SamplerConfig  # noqa: E402
+from bci_decoder.train.data import BatchSampler  # noqa: E402
 from bci_decoder.train.loop import build_decoder, masked_mse  # noqa: E402
 
 # The POYO 1.3M configuration, in each library's terms.
 DIM, DEPTH, DIM_HEAD, CROSS_HEADS, SELF_HEADS = 64, 6, 64, 2, 8
 LATENTS_PER_STEP, LATENT_STEP, WINDOW = 16, 0.125, 1.0
 LR, WEIGHT_DECAY = 2e-3, 0.01
-MAX_QUERIES = 24  # SamplerConfig default
+MAX_QUERIES = 24  # SamplerSettings default
 REF_NAME = "torch_brain"
 GOAL = 1.5  # the issue's target: ours at least 1.5x torch_brain's samples/s
 
@@ -167,7 +167,7 @@ def our_arm(session: Session, name: str, mode: str, sequence: float, burn_in: fl
         sources,
         model_cfg.latent_step,
         model_cfg.context,
-        SamplerConfig(
+        SamplerSettings(
             batch_size=args.batch,
             sequence=sequence,
             burn_in=burn_in,
@@ -319,7 +319,7 @@ def summarise(arm: Arm, batch: int) -> dict:
 
 
 def train_mix(rows: dict[str, dict], batch: int, window_fraction: float) -> dict | None:
-    """Our default training mix (SamplerConfig.window_fraction of window batches, the rest
+    """Our default training mix (SamplerSettings.window_fraction of window batches, the rest
     causal 3 s), derived from the two measured rows."""
     c, w = rows.get("ours causal 3s"), rows.get("ours window 1s")
     if c is None or w is None:
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
     specs = {
         "causal1": ("ours causal 1s", "causal", 1.0, 0.0),
-        "causal3": ("ours causal 3s", "causal", 3.0, SamplerConfig().burn_in),
+        "causal3": ("ours causal 3s", "causal", 3.0, SamplerSettings().burn_in),
         "window": ("ours window 1s", "window", WINDOW, 0.0),
     }
     for key, (name, mode, seq, burn) in specs.items():
@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> dict:
     load1 = os.getloadavg()
 
     rows = {arm.name: summarise(arm, args.batch) for arm in arms}
-    mix = train_mix(rows, args.batch, SamplerConfig().window_fraction)
+    mix = train_mix(rows, args.batch, SamplerSettings().window_fraction)
     ordered = list(rows.values()) + ([mix] if mix else [])
     ref = rows.get(REF_NAME)
     print()

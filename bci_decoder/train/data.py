@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bci_decoder.config import SamplerSettings
 from bci_decoder.data.session import Session
 from bci_decoder.tokenizer import (
     collate_causal,
@@ -39,24 +40,13 @@ class SessionSource:
         return s.spike_times, self.unit_index[s.spike_units]
 
 
-@dataclass
-class SamplerConfig:
-    batch_size: int = 32
-    sequence: float = 3.0  # s of groups per causal sample
-    burn_in: float = 1.0  # s at a sequence's start without loss (history still builds)
-    max_queries: int = 24
-    window_fraction: float = 0.25  # share of batches trained in window mode
-    unit_dropout: float = 0.5  # probability that a sample drops units
-    min_keep: float = 0.6  # fraction of units kept at least, when dropping
-
-
 class BatchSampler:
     def __init__(
         self,
         sources: list[SessionSource],
         step: float,
         context: float,
-        cfg: SamplerConfig,
+        cfg: SamplerSettings,
         seed: int = 0,
         modes: tuple[str, ...] = ("causal", "window"),
     ) -> None:

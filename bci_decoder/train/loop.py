@@ -23,7 +23,7 @@ from bci_decoder.metrics import r2_score
 from bci_decoder.model.poyo import POYO
 from bci_decoder.model.vocab import UnitVocab, Vocab, unit_key
 from bci_decoder.train.checkpoint import Decoder, Normalizer
-from bci_decoder.train.data import BatchSampler, SamplerConfig, SessionSource
+from bci_decoder.train.data import BatchSampler, SessionSource
 
 
 def gather_sessions(cfg: TrainConfig) -> list[Session]:
@@ -144,7 +144,7 @@ def train(
         sources,
         cfg.model.latent_step,
         cfg.model.context,
-        SamplerConfig(**cfg.sampler.model_dump()),
+        cfg.sampler,
         seed=cfg.seed,
         modes=tuple(cfg.modes),
     )
