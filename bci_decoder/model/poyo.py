@@ -289,6 +289,8 @@ class POYO(nn.Module):
 
         spike_* (B, G, S); group_index (B, G) int64 absolute; query_* (B, Q).
         Returns predictions (B, Q, Dmax) and, if asked, the cache for the next chunk.
+        ``query_mask`` is accepted with the batch but not needed: a padded query only
+        attends to its own tokens, and the loss masks its output.
         """
         c = self.config
         n = c.latents_per_group
@@ -378,7 +380,6 @@ class POYO(nn.Module):
                 group=all_group[:, start:],
                 time=all_time[:, start:],
             )
-        del query_mask
         return pred, new_cache
 
     # ------------------------------------------------------------------ window
@@ -394,7 +395,9 @@ class POYO(nn.Module):
         output: torch.Tensor,
         query_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Window mode. spike_* (B, N); latent_time (B, K); query_time (B, Q) -> (B, Q, Dmax)."""
+        """Window mode. spike_* (B, N); latent_time (B, K); query_time (B, Q) -> (B, Q, Dmax).
+
+        ``query_mask`` is accepted with the batch; the loss masks padded queries."""
         c = self.config
         n = c.latents_per_group
         B, K = latent_time.shape
@@ -430,7 +433,6 @@ class POYO(nn.Module):
         dbias = self.attention_bias(self.dec_attn, query_time, t, None)
         y = y + self._attend(self.dec_attn, y, query_time, x, t, dbias)
         y = y + self.dec_ffn(y)
-        del query_mask
         return self.readout(y, output)
 
     # ------------------------------------------------------------------ vocabularies
