@@ -5,7 +5,7 @@ first S seconds of each held-out session's training part, for several S; the las
 scored, next to a Wiener filter and a causal GRU trained on the same S seconds and on the
 full first 70%.
 
-    .venv/bin/python benchmarks/unit_identification.py --model runs/loso \
+    .venv/bin/python benchmarks/unit_identification.py --model models/poyo-mp-small-loso3 \
         --sessions chewie_20131003_co mihi_20140303_co jango_20160711_wfiso \
         --seconds 30 60 120 --json out/unit_identification.json
 """
