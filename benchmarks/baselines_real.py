@@ -53,7 +53,7 @@ def run(data: Path, which: tuple[str, ...], seed: int) -> list[dict]:
     """One row per session: output name, sizes, and R²/fit seconds per baseline."""
     files = sorted(
         data.glob("*.nwb"),
-        key=lambda p: (p.stem not in ORDER, ORDER.index(p.stem) if p.stem in ORDER else 0, p.stem),
+        key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else len(ORDER), p.stem),
     )
     if not files:
         raise SystemExit(f"no .nwb files in {data}")

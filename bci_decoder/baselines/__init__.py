@@ -8,7 +8,7 @@ timestamps), so no spike after t is used, as in live decoding.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,13 +59,13 @@ def causal_features(
     )
 
 
-def _make(name: str, seed: int) -> WienerFilter | KalmanFilter | GRUDecoder:
+def _make(name: str, seed: int, kwargs: dict[str, Any]) -> WienerFilter | KalmanFilter | GRUDecoder:
     if name == "wiener":
-        return WienerFilter()
+        return WienerFilter(**kwargs)
     if name == "kalman":
-        return KalmanFilter()
+        return KalmanFilter(**kwargs)
     if name == "gru":
-        return GRUDecoder(seed=seed)
+        return GRUDecoder(**{"seed": seed, **kwargs})
     raise ValueError(f"unknown baseline {name!r}; choose from {BASELINES}")
 
 
@@ -80,6 +80,7 @@ def evaluate_baselines(
     test_range: tuple[float, float],
     which: Sequence[str] = BASELINES,
     seed: int = 0,
+    model_kwargs: Mapping[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Fit each baseline on the behaviour samples in ``fit_range`` and score ``test_range``.
 
@@ -89,6 +90,8 @@ def evaluate_baselines(
     Returns ``{"timestamps": (T_test,), "target": (T_test, D), "bin_width": float,
     name: {"r2": float, "pred": (T_test, D), "fit_s": float}, ...}`` for each name in
     ``which``; the GRU entry also carries ``epochs`` and ``best_epoch``.
+    ``model_kwargs`` overrides constructor defaults per baseline (e.g. fewer GRU epochs
+    in tests); leave it out to get the baselines as benchmarked.
     """
     beh = session.behavior[output]
     ts = beh.timestamps  # (T,)
@@ -100,7 +103,8 @@ def evaluate_baselines(
             f"test samples of {output!r} in the given ranges"
         )
     bw = bin_width_for(ts)
-    models = {name: _make(name, seed) for name in which}
+    model_kwargs = model_kwargs or {}
+    models = {name: _make(name, seed, dict(model_kwargs.get(name, {}))) for name in which}
     lags = max(_num_lags(m) for m in models.values())
     X_fit = causal_features(session, ts[fit_mask], lags, bw)  # (T_fit, K, U)
     X_test = causal_features(session, ts[test_mask], lags, bw)  # (T_test, K, U)

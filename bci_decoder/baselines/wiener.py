@@ -2,7 +2,7 @@
 
 The classic BCI decoder and the first bar any learned model must clear. Features are raw
 counts (centred, not standardised: scaling every unit to unit variance inflates the
-noise of sparse units and cost up to 0.08 R² on the small real sessions), and the ridge
+noise of sparse units and cost up to 0.09 R² on the small real sessions), and the ridge
 penalty is picked on the last part of the training data (never on test data).
 """
 
