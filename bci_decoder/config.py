@@ -59,6 +59,7 @@ class TrainConfig(BaseModel):
     eval_seconds: float = 60.0  # at most this much of each validation tail is decoded
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    init: str | None = None  # start from this model folder's weights (same sessions/units)
     out: str = "runs/default"
 
 

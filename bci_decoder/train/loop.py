@@ -75,6 +75,21 @@ def build_decoder(cfg: TrainConfig, sessions: list[Session]) -> tuple[Decoder, l
     return dec, sources
 
 
+def warm_start(decoder: Decoder, folder: Path) -> None:
+    """Load a trained model's weights into ``decoder`` (a second training stage).
+
+    The vocabularies must be the same, in the same order: a warm start continues a run on
+    the same sessions; a new session goes through ``calibrate`` instead."""
+    from bci_decoder.train.checkpoint import Decoder as _Decoder
+
+    prev = _Decoder.load(folder)
+    if prev.units.to_list() != decoder.units.to_list():
+        raise ValueError(f"init model {folder} has other units than this config selects")
+    if prev.sessions.to_list() != decoder.sessions.to_list():
+        raise ValueError(f"init model {folder} has other sessions than this config selects")
+    decoder.model.load_state_dict(prev.model.state_dict())
+
+
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over each sample's valid entries, then over samples, so that equal shards of a
     batch average to the whole batch's loss (DDP equivalence)."""
@@ -130,6 +145,8 @@ def train(
     decoder, sources = build_decoder(cfg, sessions)
     decoder.info = {"train_config": cfg.model_dump(), "sessions": [s.session_id for s in sessions]}
     model = decoder.model
+    if cfg.init:
+        warm_start(decoder, Path(cfg.init))
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )
@@ -218,5 +235,8 @@ def train(
     if log is not None:
         log.close()
     if distributed:
+        # Rank 0 validates and saves after the last step while the others are done; without
+        # this barrier a rank that tears gloo down first can abort the one still working.
+        dist.barrier()
         dist.destroy_process_group()
     return decoder
