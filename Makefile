@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed
 # torch is pinned: 2.13.0 is the CPU build on this machine's disk; an unpinned torch
 # would pull a multi-GB CUDA build from the registry.
 TORCH := torch==2.13.0
-DATA ?= ../shared/data/real
-MODEL ?= models/poyo-mp-small
+DATA ?=
+MODEL ?= poyo-mp-small
 
 .PHONY: venv demo test lint bench clean pretrain
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/bci-decoder demo --model $(MODEL) --data $(DATA) --out out/demo
+	$(BIN)/bci-decoder demo --model $(MODEL) $(if $(DATA),--data $(DATA)) --out out/demo
 
 test: $(STAMP)
 	$(BIN)/ruff check bci_decoder tests benchmarks

@@ -185,16 +185,140 @@ def export(
 
 
 @app.command()
-def demo(
-    model: Annotated[Path, typer.Option(help="Model folder")] = DEFAULT_MODEL,
-    data: Annotated[Path, typer.Option(help="Real recordings (skipped if absent)")] = DEFAULT_REAL,
-    out: Annotated[Path, typer.Option(help="Report folder")] = Path("out/demo"),
+def serve(
+    config: Annotated[
+        Path | None, typer.Option(help="Daemon config YAML (default: configs/serve.yaml)")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Override the model (name or path)")] = None,
+    port: Annotated[int | None, typer.Option(help="Override the REST port")] = None,
+    cadence: Annotated[float | None, typer.Option(help="Override cadence_hz")] = None,
+    autostart: Annotated[
+        bool | None, typer.Option(help="Start decoding at once (no POST /decoder/start)")
+    ] = None,
 ) -> None:
-    """The main job: evaluate the shipped model on a simulated session it knows and on the
-    real recordings, next to the baselines; writes report.json, report.png and report.md."""
+    """The real-time daemon: spikes in over LSL, decoded behaviour out over LSL, REST
+    control on loopback (GET /status, POST /decoder/start, PUT /model, /docs for all).
+
+    Mutating calls need 'Authorization: Bearer TOKEN'; the token comes from the config,
+    $BCI_DECODER_TOKEN, or is generated into <state_dir>/token at start-up."""
+    import uvicorn
+
+    from bci_decoder.api.app import create_app
+    from bci_decoder.config import load_serve_config
+
+    default = Path("configs/serve.yaml")
+    path = config or (default if default.exists() else None)
+    overrides: dict = {}
+    for key, value in (("model", model), ("api.port", port), ("cadence_hz", cadence),
+                       ("autostart", autostart)):  # fmt: skip
+        if value is not None:
+            overrides[key] = value
+    try:
+        cfg = load_serve_config(path, overrides)
+        api = create_app(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(
+        f"bci-decoder serve: model {cfg.model}, {cfg.cadence_hz:g} Hz, REST on "
+        f"http://{cfg.api.host}:{cfg.api.port} (docs at /docs)"
+    )
+    uvicorn.run(api, host=cfg.api.host, port=cfg.api.port, log_level="warning")
+
+
+@app.command()
+def replay(
+    data: Annotated[Path | None, typer.Argument(help="NWB file to replay (or --simulate)")] = None,
+    simulate: Annotated[
+        bool, typer.Option(help="Replay a simulated session instead of a file")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Simulator seed (with --simulate)")] = 7,
+    index: Annotated[int, typer.Option(help="Simulated session index")] = 0,
+    units: Annotated[
+        int | None, typer.Option(help="Units of the simulated session (default 80-160)")
+    ] = None,
+    speed: Annotated[float, typer.Option(help="1 = real time; 10 = ten times faster")] = 1.0,
+    start: Annotated[
+        float | None, typer.Option(help="Start at this fraction of the session (0-1)")
+    ] = None,
+    seconds: Annotated[float | None, typer.Option(help="Replay at most this long")] = None,
+    name: Annotated[str, typer.Option(help="LSL stream name")] = "bci_replay",
+    source_id: Annotated[str | None, typer.Option(help="LSL source id")] = None,
+    counts_bin_ms: Annotated[
+        float | None, typer.Option(help="Send binned counts (SpikeCounts) instead of spikes")
+    ] = None,
+    log: Annotated[Path | None, typer.Option(help="Write what was sent (.npz)")] = None,
+) -> None:
+    """Play a recording's spikes (and its behaviour on a second stream) into LSL at real
+    time or N x speed, in 1 ms chunks with per-sample timestamps and sequence numbers."""
+    from bci_decoder.runtime.replay import Replayer
+
+    if simulate == (data is not None):
+        _fail("give an NWB file or --simulate (one of them)")
+    if simulate:
+        from bci_decoder.data.simulate import SimConfig, simulate_session
+
+        extra = {"num_units": units} if units else {}
+        session = simulate_session(SimConfig(seed=seed, num_sessions=index + 1, **extra), index)
+    else:
+        sessions = _load_sessions(data)
+        if len(sessions) != 1:
+            _fail(f"{data} holds {len(sessions)} sessions; give one NWB file")
+        session = sessions[0]
+    lo, hi = session.domain
+    t0 = lo + (start or 0.0) * (hi - lo)
+    t1 = min(hi, t0 + seconds) if seconds else hi
+    try:
+        rep = Replayer(
+            session, start=t0, stop=t1, speed=speed, name=name, source_id=source_id,
+            counts_bin_s=counts_bin_ms / 1e3 if counts_bin_ms else None,
+        )  # fmt: skip
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(
+        f"replaying {session.session_id}: {t1 - t0:.1f} s at {speed:g}x on LSL "
+        f"'{name}' (source_id {rep.source_id}); Ctrl-C stops"
+    )
+    rep.start()
+    try:
+        while not rep.done.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        rep.stop()
+        rep.done.wait(2.0)
+    if log and rep.log is not None:
+        rep.log.save(str(log))
+        typer.echo(f"wrote {log}")
+
+
+@app.command()
+def demo(
+    model: Annotated[str, typer.Option(help="Model name under models/ (or a path)")] = (
+        "poyo-mp-small"
+    ),
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Replay this NWB file (from 70%) instead of a new simulated session"),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Report folder")] = Path("out/demo"),
+    calibrate_after: Annotated[
+        float, typer.Option(help="Seconds decoded before calibrating (and calibrated on)")
+    ] = 30.0,
+    after: Annotated[float, typer.Option(help="Seconds decoded after the calibration")] = 40.0,
+    cadence: Annotated[float, typer.Option(help="Decode steps per second")] = 100.0,
+) -> None:
+    """The main job, live on loopback: daemon + replay + client; calibrate over REST while
+    decoding, apply, decode on; prints R² before/after, latency, missed deadlines."""
     from bci_decoder.demo import run_demo
 
-    run_demo(_load_decoder(model), data, out)
+    if data is not None and not data.is_file():
+        _fail(f"--data {data}: give one NWB file (e.g. ../shared/data/real/stevenson2011_m1.nwb)")
+    try:
+        run_demo(
+            model=model, data=data, out=out, calibrate_after=calibrate_after, after=after,
+            cadence_hz=cadence,
+        )  # fmt: skip
+    except (RuntimeError, TimeoutError) as e:
+        _fail(f"demo failed: {e} (logs in {out / 'logs'})")
 
 
 if __name__ == "__main__":

@@ -75,11 +75,77 @@ def load_yaml(path: str | Path) -> dict:
 
 def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     """Read a training config; relative data paths resolve against the current folder."""
-    data = load_yaml(path)
+    return TrainConfig(**apply_overrides(load_yaml(path), overrides))
+
+
+def apply_overrides(data: dict, overrides: dict | None) -> dict:
+    """Set dotted keys (``"optim.steps": 10``) in a config mapping, creating parents."""
     for key, value in (overrides or {}).items():
         node = data
         *parents, leaf = key.split(".")
         for p in parents:
-            node = node.setdefault(p, {})
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
         node[leaf] = value
-    return TrainConfig(**data)
+    return data
+
+
+# ---------------------------------------------------------------- the daemon (serve)
+class StreamSettings(BaseModel):
+    """Which LSL stream to open (every field given must match)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    name: str | None = None
+    source_id: str | None = None
+
+
+class ApiSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = Field(8765, ge=0, le=65535)  # 0: any free port (tests)
+    # Bearer token for mutating calls. None: $BCI_DECODER_TOKEN, else a random one written
+    # to <state_dir>/token at start-up.
+    token: str | None = None
+    max_body_mb: int = Field(256, ge=1)  # larger requests get 413
+
+
+class ServeConfig(BaseModel):
+    """``bci-decoder serve --config configs/serve.yaml``: every setting of the daemon."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "poyo-mp-small"  # a folder name under models_dir, or a path
+    models_dir: str = "models"
+    calibration: str | None = None  # a stored calibration of the model to load
+    session: str | None = None  # model session the stream's units belong to (None: ask the
+    # stream's desc/session; an unknown session decodes uncalibrated until calibrated)
+    output: str | None = None  # behaviour to decode (None: the session's own)
+    mode: Literal["causal", "window"] = "causal"
+    backend: Literal["onnx", "torch"] = "onnx"
+    onnx_threads: int = Field(1, ge=1)
+    cadence_hz: float = Field(100.0, gt=0, le=2000)
+    safe_output: Literal["hold", "zero"] = "hold"  # what is sent while the stream is stalled
+    stall_after_s: float = Field(0.5, gt=0)  # no spike for this long: stalled
+    spin_us: float = Field(150.0, ge=0)  # busy-wait before each deadline (sleep jitter)
+    spikes: StreamSettings = Field(default_factory=lambda: StreamSettings(type="Spikes"))
+    behavior: StreamSettings | None = Field(
+        default_factory=lambda: StreamSettings(type="Behavior")
+    )
+    control_name: str = "bci_decoder"
+    control_source_id: str = "bci_decoder-control"
+    ring_spikes: int = Field(4_000_000, ge=1000)  # spike ring capacity
+    behavior_seconds: float = Field(600.0, gt=0)  # behaviour recorded for calibration
+    autostart: bool = False  # start decoding without waiting for POST /decoder/start
+    state_dir: str = "out/serve"  # token file, ONNX cache, logs
+    trace_steps: int = Field(0, ge=0)  # record (t, ring cursor) of the first N steps (tests)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+
+
+def load_serve_config(path: str | Path | None, overrides: dict | None = None) -> ServeConfig:
+    """Read the daemon's config (defaults for everything when ``path`` is None)."""
+    data = load_yaml(path) if path else {}
+    return ServeConfig(**apply_overrides(data, overrides))

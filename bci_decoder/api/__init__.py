@@ -1,0 +1,1 @@
+"""REST control of the daemon (FastAPI): status, start/stop, model, calibrations."""

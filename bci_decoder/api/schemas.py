@@ -1,0 +1,96 @@
+"""Request and response bodies of the REST API (split by purpose)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Health(BaseModel):
+    ok: bool
+    state: str
+
+
+class StateReply(BaseModel):
+    state: str
+
+
+class ModelLoad(BaseModel):
+    """``PUT /model``: a model by name from the models folder, optionally calibrated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, examples=["poyo-mp-small"])
+    calibration: str | None = Field(None, max_length=200)
+
+
+class ModelPublic(BaseModel):
+    name: str
+    calibration: str | None
+    sessions: int
+    units: int
+    outputs: list[str]
+    session: str | None
+    output: str | None
+    calibrated: bool | None
+
+
+class CalibrationData(BaseModel):
+    """An uploaded calibration block as arrays: spikes and the behaviour they drive."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    unit_ids: list[str] = Field(min_length=1, max_length=20_000)
+    spike_times: list[float] = Field(max_length=5_000_000)  # seconds (any clock)
+    spike_units: list[int] = Field(max_length=5_000_000)  # index into unit_ids
+    behavior_times: list[float] = Field(min_length=10, max_length=2_000_000)
+    behavior: list[list[float]] = Field(min_length=10, max_length=2_000_000)  # (T, D)
+
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+
+
+class CalibrationCreate(BaseModel):
+    """``POST /calibrations``: where the data comes from and how to fit.
+
+    ``source="buffer"``: the last ``seconds`` of spikes and of the behaviour stream the
+    running daemon recorded. ``source="upload"``: ``data`` (JSON arrays) or
+    ``nwb_base64`` (an NWB file, base64; its first ``seconds`` are used)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["buffer", "upload"]
+    seconds: float = Field(30.0, gt=2.0, le=3600.0)
+    steps: int = Field(150, ge=1, le=5000)
+    output: str | None = None  # behaviour to decode (default: the recorded/uploaded one)
+    name: str | None = Field(None, pattern=NAME_PATTERN)  # stored as calibrations/<name>
+    session: str | None = Field(None, pattern=NAME_PATTERN)  # id of the new session
+    holdout: float = Field(0.2, ge=0.0, le=0.5)  # share of the data scored, not fitted
+    refit: bool = True  # after scoring, fit the stored calibration on all the data
+    auto_apply: bool = False  # swap it into the running decoder when done
+    data: CalibrationData | None = None
+    nwb_base64: str | None = Field(None, max_length=300_000_000)
+
+
+class CalibrationPublic(BaseModel):
+    id: str
+    name: str
+    state: str
+    phase: str
+    progress: float
+    loss: float | None
+    heldout_r2: float | None
+    wiener_r2: float | None
+    error: str | None
+    source: str
+    session: str
+    output: str
+    units: int
+    spikes: int
+    seconds: float
+    steps: int
+    wall_s: float | None
+    applied: bool
+    auto_apply: bool
+    calibration: str | None

@@ -1,0 +1,262 @@
+"""Calibration jobs for the running daemon: unit identification in a process of its own.
+
+A job gets a new session (spikes + behaviour, from the daemon's buffer or uploaded),
+fits its unit and session embeddings on the base model (``calibrate.fit_units``, the same
+code as ``bci-decoder calibrate``), and stores the result as a named calibration next to
+the model (``models/NAME/calibrations/CAL/``) so a restart can load it.
+
+The job reports a held-out score: a first fit on the first 80% of the data is scored on
+the last 20%, next to a Wiener filter fitted on the same 80%. The stored calibration is
+then fitted on all of the data (as the offline command does), unless ``refit`` is off.
+
+Isolation (ARCHITECTURE "Processes and threads"): the training runs in a spawned child
+process with one torch thread and a lower priority, so the decode loop keeps its cadence.
+A failed or cancelled job never touches the running decoder; only ``apply`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bci_decoder.data.session import Session
+
+log = logging.getLogger(__name__)
+
+_CTX = mp.get_context("spawn")  # never fork a process that runs threads and torch
+
+
+@dataclass
+class JobSpec:
+    session: Session
+    output: str
+    base_model: str  # folder of the base model
+    out_dir: str  # where the calibration is stored
+    name: str
+    steps: int = 150
+    holdout: float = 0.2
+    refit: bool = True
+    threads: int = 1
+    nice: int = 10
+    seed: int = 0
+
+
+@dataclass
+class Job:
+    id: str
+    name: str
+    spec: JobSpec
+    source: str
+    state: str = "queued"  # queued, running, done, failed, cancelled
+    phase: str = ""
+    progress: float = 0.0
+    loss: float | None = None
+    r2: float | None = None
+    wiener_r2: float | None = None
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    applied: bool = False
+    auto_apply: bool = False
+    path: str | None = None
+    process: Any = None
+
+    def public(self) -> dict:
+        s = self.spec.session
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": self.state,
+            "phase": self.phase,
+            "progress": round(self.progress, 4),
+            "loss": self.loss,
+            "heldout_r2": self.r2,
+            "wiener_r2": self.wiener_r2,
+            "error": self.error,
+            "source": self.source,
+            "session": s.session_id,
+            "output": self.spec.output,
+            "units": s.num_units,
+            "spikes": int(len(s.spike_times)),
+            "seconds": round(s.domain[1] - s.domain[0], 3),
+            "steps": self.spec.steps,
+            "wall_s": (self.finished or time.time()) - self.started if self.started else None,
+            "applied": self.applied,
+            "auto_apply": self.auto_apply,
+            "calibration": self.path and Path(self.path).name,
+        }
+
+
+def _worker(spec: JobSpec, q: Any) -> None:
+    """Child process: fit, score, refit, save. Talks to the parent only through ``q``."""
+    try:
+        os.nice(spec.nice)
+    except OSError:
+        pass
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(spec.threads)
+    from bci_decoder.baselines import evaluate_baselines
+    from bci_decoder.calibrate import CalibrationSettings, fit_units, score_span
+    from bci_decoder.train.checkpoint import Decoder
+
+    try:
+        base = Decoder.load(spec.base_model)
+        s = spec.session
+        lo, hi = s.domain
+        settings = CalibrationSettings(steps=spec.steps, threads=spec.threads, seed=spec.seed)
+        phases = 2 if (spec.refit and spec.holdout > 0) else 1
+        done_steps = [0]
+
+        def progress(step: int, loss: float) -> None:
+            q.put(("progress", (done_steps[0] + step) / (spec.steps * phases), loss))
+
+        r2 = wiener = None
+        if spec.holdout > 0:
+            cut = lo + (1 - spec.holdout) * (hi - lo)
+            q.put(("phase", "fit on the first 80%"))
+            dec = fit_units(base, s, spec.output, (lo, cut), settings, progress)
+            r2 = score_span(dec, s, spec.output, (cut, hi))
+            done_steps[0] = spec.steps
+            wiener = evaluate_baselines(s, spec.output, (lo, cut), (cut, hi + 1e-9), ("wiener",))[
+                "wiener"
+            ]["r2"]
+            q.put(("score", r2, wiener))
+        if spec.refit or spec.holdout <= 0:
+            q.put(("phase", "fit on all the data"))
+            dec = fit_units(base, s, spec.output, (lo, hi), settings, progress)
+        dec.info = dict(dec.info) | {
+            "calibration": {
+                "name": spec.name,
+                "session": s.session_id,
+                "output": spec.output,
+                "heldout_r2": r2,
+                "wiener_r2": wiener,
+                "seconds": hi - lo,
+                "steps": spec.steps,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+        }
+        tmp = Path(spec.out_dir).with_name(Path(spec.out_dir).name + ".tmp")
+        dec.save(tmp)
+        os.replace(tmp, spec.out_dir)  # a calibration appears whole or not at all
+        q.put(("done", str(spec.out_dir), float(np.nan if r2 is None else r2)))
+    except Exception as e:  # noqa: BLE001 - reported to the parent, never raised there
+        q.put(("failed", f"{type(e).__name__}: {e}"))
+
+
+class CalibrationManager:
+    """Starts, tracks, cancels and applies calibration jobs (one runs at a time)."""
+
+    def __init__(self, apply: Any, max_jobs_kept: int = 100) -> None:
+        self._apply = apply  # callable(job) -> None: swap the calibration into the daemon
+        self.jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self.max_jobs_kept = max_jobs_kept
+
+    def running(self) -> Job | None:
+        return next((j for j in self.jobs.values() if j.state in ("queued", "running")), None)
+
+    def submit(self, spec: JobSpec, source: str, auto_apply: bool) -> Job:
+        with self._lock:
+            busy = self.running()
+            if busy is not None:
+                from bci_decoder.runtime.daemon import DaemonError
+
+                raise DaemonError(
+                    f"calibration {busy.id} is still {busy.state}; wait for it or DELETE it", 409
+                )
+            job = Job(id=uuid.uuid4().hex[:12], name=spec.name, spec=spec, source=source,
+                      auto_apply=auto_apply)  # fmt: skip
+            self.jobs[job.id] = job
+            self._trim()
+        q = _CTX.Queue()
+        proc = _CTX.Process(target=_worker, args=(spec, q), name=f"calibration-{job.id}")
+        job.process = proc
+        job.state, job.started = "running", time.time()
+        proc.start()
+        threading.Thread(target=self._watch, args=(job, q), daemon=True).start()
+        return job
+
+    def _trim(self) -> None:
+        done = [j for j in self.jobs.values() if j.state not in ("queued", "running")]
+        for j in done[: max(0, len(self.jobs) - self.max_jobs_kept)]:
+            self.jobs.pop(j.id, None)
+
+    def _watch(self, job: Job, q: Any) -> None:
+        proc = job.process
+        while True:
+            try:
+                msg = q.get(timeout=0.2)
+            except queue.Empty:
+                if not proc.is_alive():
+                    if job.state == "running":
+                        job.state = "failed"
+                        job.error = (
+                            job.error or f"the calibration process died (exit {proc.exitcode})"
+                        )
+                        job.finished = time.time()
+                    return
+                continue
+            kind = msg[0]
+            if kind == "progress":
+                job.progress, job.loss = msg[1], msg[2]
+            elif kind == "phase":
+                job.phase = msg[1]
+            elif kind == "score":
+                job.r2, job.wiener_r2 = msg[1], msg[2]
+            elif kind == "failed":
+                job.state, job.error, job.finished = "failed", msg[1], time.time()
+            elif kind == "done":
+                job.path, job.progress, job.finished = msg[1], 1.0, time.time()
+                job.state = "done"
+                if job.auto_apply:
+                    try:
+                        self.apply(job.id)
+                    except Exception as e:  # noqa: BLE001 - reported on the job
+                        job.error = f"auto-apply failed: {e}"
+            if job.state in ("done", "failed", "cancelled"):
+                proc.join(timeout=5)
+                return
+
+    def get(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            from bci_decoder.runtime.daemon import DaemonError
+
+            raise DaemonError(f"no calibration job {job_id!r}", 404)
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        if job.state in ("queued", "running"):
+            job.state, job.finished = "cancelled", time.time()
+            if job.process is not None and job.process.is_alive():
+                job.process.terminate()
+                job.process.join(timeout=5)
+        return job
+
+    def apply(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        if job.state != "done":
+            from bci_decoder.runtime.daemon import DaemonError
+
+            raise DaemonError(f"calibration {job_id} is {job.state}; only a done one applies", 409)
+        self._apply(job)
+        job.applied = True
+        return job
+
+    def close(self) -> None:
+        for job in list(self.jobs.values()):
+            if job.state in ("queued", "running"):
+                self.cancel(job.id)

@@ -1,0 +1,451 @@
+"""The daemon's state: model, streams, spike ring, decode loop, and what /status reports.
+
+Threads (ARCHITECTURE "Processes and threads"): a spike inlet and a behaviour inlet pull
+from LSL into rings; a supervisor waits for the spike stream and (re)builds the engine
+when it (re)appears; the decode loop steps at cadence. Control calls (REST) run on the
+server's threads and never touch the loop's state directly: they prepare a new engine
+off the hot path and hand it over between two steps.
+
+States: ``idle`` (not started), ``waiting-for-stream`` (started, no spike stream yet),
+``running``, ``stalled`` (the stream vanished or went silent: the safe value is sent).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bci_decoder.config import ServeConfig
+from bci_decoder.runtime.decode_loop import ActiveEngine, DecodeLoop, lsl_clock
+from bci_decoder.runtime.lsl_io import BehaviorInletThread, ControlOutlet, SpikeInletThread
+from bci_decoder.runtime.ring import SpikeRing
+from bci_decoder.train.checkpoint import Decoder
+
+log = logging.getLogger(__name__)
+
+AXIS_LABELS = {"hand_vel": ["vx", "vy"], "hand_pos": ["px", "py"], "force": ["fx", "fy"]}
+CALIBRATIONS = "calibrations"
+
+
+class DaemonError(Exception):
+    """A control request that cannot be carried out; the message says what to fix."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def output_labels(output: str, dim: int) -> list[str]:
+    labels = AXIS_LABELS.get(output)
+    if labels and len(labels) == dim:
+        return list(labels)
+    return [f"{output}{i}" for i in range(dim)]
+
+
+def model_folder(cfg: ServeConfig, name: str) -> Path:
+    """A model by name (a folder under ``models_dir``) or by path."""
+    if not name or "\x00" in name:
+        raise DaemonError("model name is empty", 422)
+    by_name = Path(cfg.models_dir) / name
+    if "/" not in name and by_name.is_dir():
+        return by_name
+    path = Path(name)
+    if path.is_dir():
+        return path
+    known = sorted(p.name for p in Path(cfg.models_dir).glob("*/meta.json") for p in [p.parent])
+    raise DaemonError(f"no model {name!r} in {cfg.models_dir}/ (known: {known})", 404)
+
+
+def calibration_folder(model_dir: Path, calibration: str) -> Path:
+    if not calibration.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise DaemonError(f"calibration name {calibration!r}: use letters, digits, - _ .", 422)
+    path = model_dir / CALIBRATIONS / calibration
+    if not (path / "meta.json").exists():
+        have = sorted(p.name for p in (model_dir / CALIBRATIONS).glob("*") if p.is_dir())
+        raise DaemonError(
+            f"model {model_dir.name} has no calibration {calibration!r} ({have})", 404
+        )
+    return path
+
+
+def load_decoder(cfg: ServeConfig, name: str, calibration: str | None) -> tuple[Decoder, Path]:
+    """The decoder to serve and its base model folder (whose ONNX graphs it uses)."""
+    base = model_folder(cfg, name)
+    path = calibration_folder(base, calibration) if calibration else base
+    try:
+        return Decoder.load(path), base
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        raise DaemonError(f"cannot load {path}: {e}", 422) from None
+
+
+class Daemon:
+    def __init__(self, cfg: ServeConfig) -> None:
+        # The decode loop shares the GIL with the inlets, the server and engine building.
+        # At CPython's default 5 ms switch interval a busy thread can hold the loop off
+        # for 5 ms at each of its GIL waits (the convoy effect); 0.5 ms bounds that.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
+        self.cfg = cfg
+        self.state_dir = Path(cfg.state_dir)
+        self.ring = SpikeRing(cfg.ring_spikes)
+        self._lock = threading.RLock()  # one control operation at a time
+        self.decoder, self.model_dir = load_decoder(cfg, cfg.model, cfg.calibration)
+        self.model_name = cfg.model
+        self.calibration = cfg.calibration
+        self.spike_inlet: SpikeInletThread | None = None
+        self.behavior_inlet: BehaviorInletThread | None = None
+        self.loop: DecodeLoop | None = None
+        self.outlet: ControlOutlet | None = None
+        self._supervisor: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._seen_connects = 0
+        self.started = time.time()
+        self.providers: list[str] = []
+        self.onnx_dir(self.model_dir, self.decoder)  # export (or find) the graphs now
+
+    # ---------------------------------------------------------------- engines
+    def onnx_dir(self, base: Path, decoder: Decoder) -> Path:
+        """The base model's exported step graphs (cached by weight hash).
+
+        A calibration changes only unit and session embeddings, which stay outside the
+        graphs, so every calibration of a model shares its base model's export."""
+        digest = hashlib.sha1((base / "model.safetensors").read_bytes()).hexdigest()[:12]
+        out = self.state_dir / "onnx" / f"{base.name}-{digest}"
+        if not (out / "export.json").exists():
+            from bci_decoder.export.onnx_export import export_step
+
+            log.info("exporting %s to %s", base, out)
+            export_step(Decoder.load(base), out)
+        return out
+
+    def _session_for(self, decoder: Decoder, hint: str) -> tuple[str, bool]:
+        """(session to decode, whether the stream's units are known to it)."""
+        calibrated = decoder.info.get("calibration", {}).get("session")
+        for cand in (calibrated, self.cfg.session, hint):
+            if cand and cand in decoder.sessions and decoder.norms.get(cand):
+                return cand, True
+        # unknown session: decode with a known one and no known units until calibrated
+        wanted = self.cfg.output
+        for s in decoder.sessions.names:
+            if decoder.norms.get(s) and (wanted is None or wanted in decoder.norms[s]):
+                return s, False
+        raise DaemonError(f"the model has no session that decodes {wanted!r}", 422)
+
+    def prepare(
+        self, decoder: Decoder, base: Path, labels: list[str], hint: str, prime: bool = True
+    ) -> ActiveEngine:
+        """Build an engine for the current stream and prime it with the ring's last
+        ``context`` seconds, off the decode loop's thread."""
+        from bci_decoder.runtime.engine import StreamingEngine
+
+        session, known = self._session_for(decoder, hint)
+        output = self.cfg.output if self.cfg.output in decoder.norms[session] else None
+        output = output or next(iter(decoder.norms[session]))
+        kw = {}
+        if self.cfg.backend == "onnx":
+            kw["onnx_path"] = str(self.onnx_dir(base, decoder))
+        engine = StreamingEngine(
+            decoder, session, output, mode=self.cfg.mode, backend=self.cfg.backend, **kw
+        )
+        runner = getattr(engine, "runner", None)
+        sess = getattr(runner, "session", None)
+        if sess is not None:
+            self.providers = list(sess.get_providers())
+        prefix = f"{session}/"
+        names = [u[len(prefix) :] for u in decoder.units.names if u.startswith(prefix)]
+        index = {u: i for i, u in enumerate(names)}
+        if not known:
+            unit_map = np.full(max(len(labels), 1), -1, np.int64)
+        elif labels:
+            unit_map = np.array([index.get(lab, -1) for lab in labels], np.int64)
+        else:  # a stream without unit labels: index i is the session's i-th unit
+            unit_map = np.arange(len(names), dtype=np.int64)
+        dim = decoder.model.output_dims[output]
+        cursor = self.ring.written
+        if prime:
+            now = lsl_clock()
+            start = self.ring.cursor_at(now - decoder.config.context - decoder.config.latent_step)
+            cursor = self.ring.cursor_at(now - 0.002)
+            times, units, _, _ = self.ring.read_spikes(start)
+            times, units = times[: cursor - start], units[: cursor - start]
+            mapped = np.full(len(units), -1, np.int64)
+            inside = (units >= 0) & (units < len(unit_map))
+            mapped[inside] = unit_map[units[inside]]
+            keep = mapped >= 0
+            times, mapped = times[keep], mapped[keep]
+            # in slices of about 10 ms of spikes, yielding between them: this thread and
+            # the decode loop share the GIL, and the loop must not wait for the priming
+            for part in np.array_split(np.arange(len(times)), max(1, len(times) // 40)):
+                if len(part):
+                    engine.push(times[part], mapped[part])
+                time.sleep(0.0005)
+        return ActiveEngine(
+            engine=engine,
+            unit_map=unit_map,
+            cursor=cursor,
+            labels=output_labels(output, dim),
+            output=output,
+            session=session,
+            calibrated=known,
+            model=self.model_name,
+            calibration=self.calibration,
+        )
+
+    # ---------------------------------------------------------------- control
+    @property
+    def state(self) -> str:
+        if self._supervisor is None:
+            return "idle"
+        if self.loop is None:
+            return "waiting-for-stream"
+        return "stalled" if self.loop.stalled else "running"
+
+    def start(self) -> str:
+        with self._lock:
+            if self._supervisor is not None:
+                return self.state
+            cfg = self.cfg
+            self._stop.clear()
+            self.spike_inlet = SpikeInletThread(cfg.spikes, self.ring)
+            self.spike_inlet.start()
+            if cfg.behavior is not None:
+                self.behavior_inlet = BehaviorInletThread(cfg.behavior, cfg.behavior_seconds)
+                self.behavior_inlet.start()
+            self._seen_connects = 0
+            self._supervisor = threading.Thread(
+                target=self._supervise, name="supervisor", daemon=True
+            )
+            self._supervisor.start()
+            return self.state
+
+    def stop(self) -> str:
+        with self._lock:
+            self._stop.set()
+            for th in (self.loop, self.spike_inlet, self.behavior_inlet):
+                if th is not None:
+                    th.stop()
+            for th in (self._supervisor, self.loop, self.spike_inlet, self.behavior_inlet):
+                if th is not None and th.is_alive():
+                    th.join(timeout=3.0)
+            self.loop = self._supervisor = None
+            self.spike_inlet = self.behavior_inlet = None
+            return self.state
+
+    def close(self) -> None:
+        self.stop()
+        self.outlet = None
+
+    def _stalled(self, now: float) -> bool:
+        inlet = self.spike_inlet
+        if inlet is None or inlet.state != "connected":
+            return True
+        return not (lsl_clock() - inlet.stats.last_sample_clock <= self.cfg.stall_after_s)
+
+    def _supervise(self) -> None:
+        """Build the engine when the spike stream (re)connects; start the loop once."""
+        inlet = self.spike_inlet
+        while not self._stop.wait(0.05):
+            if inlet.connected.is_set() and inlet.stats.connects != self._seen_connects:
+                try:
+                    with self._lock:
+                        if self._stop.is_set():
+                            return
+                        self._seen_connects = inlet.stats.connects
+                        self._install(
+                            self.prepare(
+                                self.decoder, self.model_dir, inlet.labels, inlet.session_hint
+                            )
+                        )
+                except Exception:  # noqa: BLE001 - keep supervising; /status shows it
+                    log.exception("could not build the engine for the new stream")
+                    time.sleep(1.0)
+
+    def _install(self, active: ActiveEngine) -> None:
+        """Hand an engine to the loop (starting the loop the first time)."""
+        cfg = self.cfg
+        if self.outlet is None or len(self.outlet.labels) != len(active.labels):
+            self.outlet = ControlOutlet(
+                cfg.control_name, cfg.control_source_id, active.output, active.labels,
+                cfg.cadence_hz,
+            )  # fmt: skip
+        if self.loop is None:
+            outlet = self
+            self.loop = DecodeLoop(
+                self.ring,
+                active,
+                lambda y, t: outlet.outlet.push(y, t),
+                cadence_hz=cfg.cadence_hz,
+                safe_output=cfg.safe_output,
+                stalled=self._stalled,
+                spin_us=cfg.spin_us,
+                trace_steps=cfg.trace_steps,
+            )
+            self.loop.start()
+        elif not self.loop.hand_over(active):
+            raise DaemonError("the decode loop did not take the new engine within 2 s", 503)
+
+    def swap_decoder(
+        self, decoder: Decoder, base: Path, name: str, calibration: str | None
+    ) -> dict:
+        """Serve ``decoder`` from the next step on (model load or calibration apply)."""
+        with self._lock:
+            prev = (self.decoder, self.model_dir, self.model_name, self.calibration)
+            self.decoder, self.model_dir = decoder, base
+            self.model_name, self.calibration = name, calibration
+            try:
+                if self.loop is not None and self.spike_inlet is not None:
+                    inlet = self.spike_inlet
+                    self._install(self.prepare(decoder, base, inlet.labels, inlet.session_hint))
+                else:
+                    self.onnx_dir(base, decoder)
+            except Exception:
+                self.decoder, self.model_dir, self.model_name, self.calibration = prev
+                raise
+            return self.describe_model()
+
+    def load_model(self, name: str, calibration: str | None = None) -> dict:
+        decoder, base = load_decoder(self.cfg, name, calibration)
+        return self.swap_decoder(decoder, base, name, calibration)
+
+    def base_decoder(self) -> Decoder:
+        """The base model (what calibrations start from), whatever is loaded now."""
+        if self.calibration is None:
+            return self.decoder
+        return Decoder.load(self.model_dir)
+
+    def calibration_block(self, seconds: float, output: str | None) -> tuple:
+        """The last ``seconds`` of recorded spikes and behaviour as a new Session.
+
+        Returns (session, output, session hint). Refuses (409) while idle or before
+        enough behaviour has been recorded."""
+        from bci_decoder.data.session import Behavior, Session
+
+        inlet, binlet = self.spike_inlet, self.behavior_inlet
+        if self.state == "idle" or inlet is None:
+            raise DaemonError("the decoder is idle: POST /decoder/start and stream first", 409)
+        if binlet is None:
+            raise DaemonError(
+                "no behaviour stream is configured (behavior: null); upload the data instead", 409
+            )
+        ring = binlet.ring
+        if ring is None or len(ring) < 20:
+            raise DaemonError(
+                "no behaviour recorded yet: stream the cued block's behaviour (type "
+                f"{self.cfg.behavior.type}) while decoding, then calibrate",
+                409,
+            )
+        out = output or binlet.output
+        if out not in self.decoder.model.output_names:
+            raise DaemonError(
+                f"the behaviour stream carries {out!r}, which the model does not decode "
+                f"({self.decoder.model.output_names}); pass 'output'",
+                422,
+            )
+        now = ring.newest_time
+        bt, bx = ring.last_seconds(seconds, now)
+        st, su = self.ring.last_seconds(seconds, now)
+        if len(bt) < 20 or bt[-1] - bt[0] < 0.5 * seconds:
+            raise DaemonError(
+                f"only {bt[-1] - bt[0] if len(bt) else 0:.1f} s of behaviour recorded; asked "
+                f"for {seconds:g} s",
+                409,
+            )
+        labels = list(inlet.labels) or [str(i) for i in range(int(su.max(initial=-1)) + 1)]
+        keep = (su >= 0) & (su < len(labels))
+        session = Session(
+            session_id="pending", subject="rig", spike_times=st[keep],
+            spike_units=su[keep].astype(np.int32), unit_ids=labels,
+            brain_areas=["unknown"] * len(labels),
+            behavior={out: Behavior(out, bt, bx)},
+            domain=(float(min(bt[0], st[0] if len(st) else bt[0])), float(bt[-1]) + 1e-6),
+        )  # fmt: skip
+        return session, out, inlet.session_hint
+
+    # ---------------------------------------------------------------- reporting
+    def describe_model(self) -> dict:
+        active = self.loop.active if self.loop is not None else None
+        return {
+            "name": self.model_name,
+            "calibration": self.calibration,
+            "sessions": len(self.decoder.sessions),
+            "units": len(self.decoder.units) - 1,
+            "outputs": self.decoder.model.output_names,
+            "session": active.session if active else None,
+            "output": active.output if active else None,
+            "calibrated": active.calibrated if active else None,
+        }
+
+    def status(self) -> dict:
+        loop, inlet, binlet = self.loop, self.spike_inlet, self.behavior_inlet
+        ls = loop.stats if loop is not None else None
+        lat = {
+            "step_ms": loop.step_ms.percentiles() if loop else None,
+            "output_ms": loop.output_ms.percentiles() if loop else None,
+        }
+        stream = None
+        if inlet is not None:
+            s = inlet.stats
+            stream = {
+                "state": inlet.state,
+                "name": inlet.info.name() if inlet.info is not None else None,
+                "units": len(inlet.labels),
+                "received": s.received,
+                "kept": s.kept,
+                "connects": s.connects,
+                "losses": s.losses,
+                "seconds_since_sample": (
+                    None if np.isnan(s.last_sample_clock) else lsl_clock() - s.last_sample_clock
+                ),
+            }
+        behavior = None
+        if binlet is not None:
+            ring = binlet.ring
+            behavior = {
+                "state": binlet.state,
+                "output": binlet.output or None,
+                "channels": binlet.labels,
+                "samples": len(ring) if ring is not None else 0,
+                "seconds": (len(ring) / binlet.rate) if ring is not None and binlet.rate else 0.0,
+            }
+        dropped = {
+            "nan_time": inlet.stats.nan_time if inlet else 0,
+            "out_of_order": inlet.stats.out_of_order if inlet else 0,
+            "bad_unit": inlet.stats.bad_unit if inlet else 0,
+            "lsl_gaps": inlet.stats.seq_gaps if inlet else 0,
+            "ring_overflow": ls.ring_lost if ls else 0,
+            "behavior_nan": binlet.stats.nan_time if binlet else 0,
+        }
+        return {
+            "state": self.state,
+            "model": self.describe_model(),
+            "mode": self.cfg.mode,
+            "backend": self.cfg.backend,
+            "providers": self.providers,
+            "cadence_hz": self.cfg.cadence_hz,
+            "steps": ls.steps if ls else 0,
+            "missed_deadlines": ls.missed if ls else 0,
+            "late_outputs": ls.late if ls else 0,
+            "errors": ls.errors if ls else 0,
+            "last_error": ls.last_error if ls else "",
+            "safe_steps": ls.safe_steps if ls else 0,
+            "swaps": ls.swaps if ls else 0,
+            "latency": lat,
+            "buffer": {
+                "spikes": len(self.ring),
+                "capacity": self.ring.capacity,
+                "fill": self.ring.fill,
+            },
+            "dropped": dropped,
+            "unknown_units": {
+                "units": len(ls.unknown_units) if ls else 0,
+                "spikes": ls.unknown_unit_spikes if ls else 0,
+            },
+            "stream": stream,
+            "behavior": behavior,
+            "uptime_s": time.time() - self.started,
+        }

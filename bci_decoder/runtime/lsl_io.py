@@ -1,0 +1,356 @@
+"""Lab Streaming Layer in and out: stream descriptions, resolution, inlet threads, outlet.
+
+Conventions (ARCHITECTURE "LSL conventions"):
+- Spikes in: type ``Spikes``, irregular rate, int32. Channel 0 is the unit index; an
+  optional channel labelled ``seq`` carries a per-sample sequence number, so a gap (LSL
+  drops silently when its buffers overflow) is counted. Unit labels are listed in
+  ``desc/units/unit/label`` (or, for a one-channel stream, may be absent: index = unit).
+  The LSL timestamp of a sample is the spike time.
+- Binned counts in: type ``SpikeCounts``, regular rate, N channels labelled with the units;
+  a count c at timestamp t becomes c spikes at t.
+- Behaviour in: type ``Behavior``, regular rate, float32, labelled channels.
+- Decoded out: type ``Control``, regular rate = cadence, float32, channel labels = outputs;
+  the timestamp is the decode time t, so a receiver's latency is ``local_clock() - t``.
+
+The inlets pull with ``pull_chunk(dest_obj=..., min_samples=1)`` into a preallocated
+buffer: it returns as soon as one sample is there (without ``min_samples`` it waits for a
+full chunk, adding tens of ms; without ``dest_obj`` pylsl builds Python lists).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pylsl
+
+from bci_decoder.config import StreamSettings
+from bci_decoder.runtime.ring import SampleRing, SpikeRing
+
+log = logging.getLogger(__name__)
+
+SEQ_LABEL = "seq"
+
+
+def predicate(query: StreamSettings) -> str:
+    """The XPath predicate liblsl resolves: every field given must match."""
+
+    def q(v: str) -> str:
+        return v.replace("'", "")
+
+    parts = [f"type='{q(query.type)}'"]
+    if query.name:
+        parts.append(f"name='{q(query.name)}'")
+    if query.source_id:
+        parts.append(f"source_id='{q(query.source_id)}'")
+    return " and ".join(parts)
+
+
+def resolve(query: StreamSettings, timeout: float) -> pylsl.StreamInfo | None:
+    """The first stream matching ``query`` within ``timeout`` seconds, or None."""
+    found = pylsl.resolve_bypred(predicate(query), 1, timeout)
+    return found[0] if found else None
+
+
+# ---------------------------------------------------------------- stream descriptions
+def _append_channels(info: pylsl.StreamInfo, labels: list[str], unit: str = "") -> None:
+    chans = info.desc().append_child("channels")
+    for label in labels:
+        ch = chans.append_child("channel")
+        ch.append_child_value("label", label)
+        if unit:
+            ch.append_child_value("unit", unit)
+
+
+def spike_stream_info(
+    name: str, source_id: str, unit_labels: list[str], session_id: str = ""
+) -> pylsl.StreamInfo:
+    """An irregular-rate int32 spike-event stream with (unit, seq) channels."""
+    info = pylsl.StreamInfo(name, "Spikes", 2, pylsl.IRREGULAR_RATE, pylsl.cf_int32, source_id)
+    _append_channels(info, ["unit", SEQ_LABEL])
+    units = info.desc().append_child("units")
+    for label in unit_labels:
+        units.append_child("unit").append_child_value("label", label)
+    if session_id:
+        info.desc().append_child_value("session", session_id)
+    return info
+
+
+def behavior_stream_info(
+    name: str, source_id: str, output: str, labels: list[str], rate: float, session_id: str = ""
+) -> pylsl.StreamInfo:
+    info = pylsl.StreamInfo(
+        name, "Behavior", len(labels), rate, pylsl.cf_float32, source_id
+    )  # fmt: skip
+    _append_channels(info, labels)
+    info.desc().append_child_value("output", output)
+    if session_id:
+        info.desc().append_child_value("session", session_id)
+    return info
+
+
+def control_stream_info(
+    name: str, source_id: str, output: str, labels: list[str], rate: float
+) -> pylsl.StreamInfo:
+    info = pylsl.StreamInfo(name, "Control", len(labels), rate, pylsl.cf_float32, source_id)
+    _append_channels(info, labels)
+    info.desc().append_child_value("output", output)
+    return info
+
+
+def channel_labels(info: pylsl.StreamInfo) -> list[str]:
+    out = []
+    ch = info.desc().child("channels").child("channel")
+    while not ch.empty():
+        out.append(ch.child_value("label"))
+        ch = ch.next_sibling("channel")
+    return out
+
+
+def unit_labels(info: pylsl.StreamInfo) -> list[str]:
+    """Unit labels of a spike stream, in unit-index order ([] if the stream lists none)."""
+    if info.type() == "SpikeCounts":
+        return channel_labels(info)
+    out = []
+    u = info.desc().child("units").child("unit")
+    while not u.empty():
+        out.append(u.child_value("label"))
+        u = u.next_sibling("unit")
+    return out
+
+
+def desc_value(info: pylsl.StreamInfo, key: str) -> str:
+    return info.desc().child_value(key)
+
+
+# ---------------------------------------------------------------- inlets
+@dataclass
+class InletStats:
+    """Counters of one inlet; every sample that is not kept is counted under one reason."""
+
+    received: int = 0
+    kept: int = 0
+    nan_time: int = 0
+    out_of_order: int = 0
+    bad_unit: int = 0  # unit index outside the stream's declared units (or < 0)
+    seq_gaps: int = 0  # samples LSL lost between sender and us (sequence numbers)
+    connects: int = 0
+    losses: int = 0  # times the stream vanished
+    last_sample_clock: float = float("nan")  # local_clock() when a sample last arrived
+    errors: list[str] = field(default_factory=list)
+
+    def dropped(self) -> int:
+        return self.nan_time + self.out_of_order + self.bad_unit + self.seq_gaps
+
+
+class InletThread(threading.Thread):
+    """Resolve a stream (retrying until stopped), pull chunks, hand them to ``_handle``.
+
+    States: ``waiting`` (no such stream yet), ``connected``, ``lost`` (it vanished; we
+    resolve it again). A vanished stream never ends the thread; only ``stop()`` does.
+    """
+
+    def __init__(
+        self,
+        query: StreamSettings,
+        *,
+        chunk: int = 4096,
+        resolve_timeout: float = 1.0,
+        pull_timeout: float = 0.05,
+        max_buffer_s: int = 10,
+        name: str = "inlet",
+    ) -> None:
+        super().__init__(name=name, daemon=True)
+        self.query = query
+        self.chunk = chunk
+        self.resolve_timeout = resolve_timeout
+        self.pull_timeout = pull_timeout
+        self.max_buffer_s = max_buffer_s
+        self.stats = InletStats()
+        self.state = "waiting"
+        self.info: pylsl.StreamInfo | None = None
+        self._stop_event = threading.Event()
+        self.connected = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def _setup(self, info: pylsl.StreamInfo) -> None:  # per (re)connection
+        raise NotImplementedError
+
+    def _handle(self, data: np.ndarray, times: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _dtype(self) -> type:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            info = resolve(self.query, self.resolve_timeout)
+            if info is None:
+                continue
+            # Same host: the sender's timestamps are already in our clock; liblsl's clock
+            # sync would add a noisy estimate of zero (tens of us, changing over time),
+            # shifting spikes and even reordering them. Another host: correct them.
+            same_host = info.hostname() == socket.gethostname()
+            try:
+                inlet = pylsl.StreamInlet(
+                    info,
+                    max_buflen=self.max_buffer_s,
+                    recover=False,  # a vanished stream is re-resolved here, visibly
+                    processing_flags=0 if same_host else pylsl.proc_clocksync,
+                )
+                inlet.open_stream(timeout=5.0)
+                full = inlet.info(timeout=5.0)
+            except Exception as e:  # noqa: BLE001 - liblsl raises several types
+                self.stats.errors.append(f"open: {e}")
+                time.sleep(0.2)
+                continue
+            self.info = full
+            self._setup(full)
+            buf = np.zeros((self.chunk, full.channel_count()), self._dtype())
+            self.stats.connects += 1
+            self.state = "connected"
+            self.connected.set()
+            log.info("%s: connected to %s", self.name, full.name())
+            try:
+                while not self._stop_event.is_set():
+                    data, ts = inlet.pull_chunk(
+                        timeout=self.pull_timeout,
+                        max_samples=self.chunk,
+                        dest_obj=buf,
+                        min_samples=1,
+                        as_numpy=True,
+                    )
+                    if len(ts):
+                        self.stats.received += len(ts)
+                        self.stats.last_sample_clock = pylsl.local_clock()
+                        self._handle(data, np.asarray(ts, np.float64))
+            except pylsl.LostError:
+                self.stats.losses += 1
+                self.state = "lost"
+                self.connected.clear()
+                log.warning("%s: stream lost; resolving it again", self.name)
+            finally:
+                inlet.close_stream()
+        self.state = "stopped"
+
+
+class SpikeInletThread(InletThread):
+    """Spike events (or binned counts) into a ``SpikeRing`` of (time, stream unit index)."""
+
+    def __init__(self, query: StreamSettings, ring: SpikeRing, **kw) -> None:
+        super().__init__(query, name=kw.pop("name", "spike-inlet"), **kw)
+        self.ring = ring
+        self.labels: list[str] = []
+        self.session_hint = ""
+        self.counts = False
+        self._seq_col: int | None = None
+        self._last_seq: int | None = None
+        self._last_time = -np.inf
+
+    def _dtype(self) -> type:
+        return np.int32
+
+    def _setup(self, info: pylsl.StreamInfo) -> None:
+        self.counts = info.type() == "SpikeCounts" or info.nominal_srate() > 0
+        self.labels = unit_labels(info)
+        self.session_hint = desc_value(info, "session")
+        chans = channel_labels(info)
+        self._seq_col = chans.index(SEQ_LABEL) if (not self.counts and SEQ_LABEL in chans) else None
+        self._last_seq = None
+        self._last_time = -np.inf
+
+    def _handle(self, data: np.ndarray, times: np.ndarray) -> None:
+        st = self.stats
+        if self.counts:  # (N, U) counts at each sample time -> spikes
+            ok = np.isfinite(times)
+            st.nan_time += int((~ok).sum())
+            data, times = data[ok], times[ok]
+            counts = np.clip(data, 0, None)  # negative counts are not spikes
+            st.bad_unit += int((data < 0).sum())
+            n_per_sample = counts.sum(1)
+            units = np.nonzero(counts)[1]
+            reps = counts[counts > 0]
+            spike_units = np.repeat(units, reps).astype(np.int32)
+            spike_times = np.repeat(times, n_per_sample)
+            st.kept += len(spike_times)
+            self.ring.write(spike_times, spike_units)
+            return
+        units = data[:, 0]
+        if self._seq_col is not None:
+            seq = data[:, self._seq_col].astype(np.int64)
+            prev = self._last_seq
+            if prev is not None:
+                steps = np.diff(np.concatenate([[prev], seq])) & 0xFFFFFFFF  # int32 wrap
+                st.seq_gaps += int(np.clip(steps - 1, 0, None).sum())
+            self._last_seq = int(seq[-1])
+        ok = np.isfinite(times)
+        st.nan_time += int((~ok).sum())
+        nunits = len(self.labels)
+        good_unit = (units >= 0) & ((units < nunits) if nunits else True)
+        st.bad_unit += int((ok & ~good_unit).sum())
+        ok &= good_unit
+        # out of order: older than the newest spike already kept (the engine is causal)
+        run_max = np.maximum.accumulate(np.where(ok, times, -np.inf))
+        prev_max = np.concatenate([[self._last_time], run_max[:-1]])
+        in_order = times >= np.maximum(prev_max, self._last_time)
+        st.out_of_order += int((ok & ~in_order).sum())
+        ok &= in_order
+        if ok.any():
+            self._last_time = float(times[ok][-1])
+            st.kept += int(ok.sum())
+            self.ring.write(times[ok], units[ok])
+
+
+class BehaviorInletThread(InletThread):
+    """A regular-rate behaviour stream into a ``SampleRing`` (recorded for calibration)."""
+
+    def __init__(self, query: StreamSettings, capacity_s: float = 600.0, **kw) -> None:
+        super().__init__(query, name=kw.pop("name", "behavior-inlet"), **kw)
+        self.capacity_s = capacity_s
+        self.ring: SampleRing | None = None
+        self.labels: list[str] = []
+        self.output = ""
+        self.rate = 0.0
+
+    def _dtype(self) -> type:
+        return np.float32
+
+    def _setup(self, info: pylsl.StreamInfo) -> None:
+        labels = channel_labels(info) or [f"ch{i}" for i in range(info.channel_count())]
+        rate = info.nominal_srate() or 100.0
+        if self.ring is None or self.ring.channels != info.channel_count():
+            self.ring = SampleRing(int(self.capacity_s * rate) + 1, info.channel_count())
+        self.labels, self.rate = labels, rate
+        self.output = desc_value(info, "output") or "hand_vel"
+
+    def _handle(self, data: np.ndarray, times: np.ndarray) -> None:
+        ok = np.isfinite(times) & np.isfinite(data).all(1)
+        self.stats.nan_time += int((~ok).sum())
+        self.stats.kept += int(ok.sum())
+        if ok.any():
+            self.ring.write(times[ok], data[ok])
+
+
+class ControlOutlet:
+    """The decoded behaviour, one sample per decode step, timestamped with the decode time."""
+
+    def __init__(
+        self, name: str, source_id: str, output: str, labels: list[str], rate: float
+    ) -> None:
+        self.labels = labels
+        self.info = control_stream_info(name, source_id, output, labels, rate)
+        self.outlet = pylsl.StreamOutlet(self.info, chunk_size=1, max_buffered=10)
+        self.sample = np.zeros(len(labels), np.float32)  # reused each push
+
+    def push(self, values: np.ndarray, t: float) -> None:
+        self.sample[:] = values
+        self.outlet.push_sample(self.sample, t)
+
+    def have_consumers(self) -> bool:
+        return self.outlet.have_consumers()

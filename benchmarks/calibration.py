@@ -1,0 +1,58 @@
+"""Calibration while decoding: wall time of a REST calibration and what it costs the loop.
+
+The daemon decodes a new simulated session (200 units by default) at 100 Hz; after 60 s
+a calibration on the buffer's last 60 s runs in its own process; then it is applied and
+decoding goes on. Reported: the calibration's wall time (goal <= 60 s on this 2-core
+machine), missed deadlines during it (goal 0), output latency p99 before vs during, and
+the decoded R² after the swap. It is the demo's flow (bci_decoder/demo.py) with other
+settings, so the demo and this benchmark measure the same thing.
+
+    .venv/bin/python benchmarks/calibration.py --json out/calibration.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bci_decoder.demo import run_demo  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--units", type=int, default=200)
+    ap.add_argument("--cadence", type=float, default=100.0)
+    ap.add_argument("--seconds", type=float, default=60.0, help="calibration data (s)")
+    ap.add_argument("--after", type=float, default=30.0, help="decoded after the swap (s)")
+    ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench-calibration")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    r = run_demo(out=a.out, calibrate_after=a.seconds, after=a.after, cadence_hz=a.cadence,
+                 sim_units=a.units)  # fmt: skip
+    result = {
+        "units": a.units,
+        "cadence_hz": a.cadence,
+        "calibration_seconds": a.seconds,
+        "calibration_wall_s": r["calibration_wall_s"],
+        "missed_during": r["missed_during_calibration"],
+        "steps_during": r["steps_during_calibration"],
+        "p99_before_ms": r["output_latency_before_ms"]["p99"],
+        "p99_during_ms": r["output_latency_during_calibration_ms"]["p99"],
+        "r2_after": r["r2_after"],
+        "heldout_r2": r["heldout_r2"],
+        "gap_at_swap_ms": r["gap_at_swap_ms"],
+    }
+    print(json.dumps(result, indent=1))
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""End-to-end latency: replay -> daemon -> LSL outlet -> client, beside the LSL floor.
+
+One run, four processes on this machine: ``bci-decoder replay`` streams N units at 20 Hz
+(Poisson) in 1 ms chunks; the daemon (``bci-decoder serve``, shipped model with the
+units added as a calibration) decodes at the cadence; an echo process (the daemon's
+inlet, ring and deadline loop with no model) forwards at the same cadence; a client
+process records both outputs with their arrival times. Reported:
+  output_latency_ms    local_clock() at arrival - the output's timestamp (decode time t)
+  spike_to_output_ms   arrival - push time of the newest spike the output could include
+  echo_latency_ms      the same as output latency, for the echo path (the floor)
+  daemon_cpu_percent   the daemon's CPU time / wall time over the replay (100 = one core)
+Goals (issue): 200 units, 100 Hz, 5 min: 0 missed; p50 <= echo p50 + 0.5 ms; p99 <= 2x echo.
+
+    .venv/bin/python benchmarks/e2e_latency.py --units 200 --cadence 100 --seconds 300 --json out/e2e.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bci_decoder.calibrate import add_session  # noqa: E402
+from bci_decoder.data.nwb import write_nwb  # noqa: E402
+from bci_decoder.data.session import Behavior, Session  # noqa: E402
+from bci_decoder.runtime.processes import ProcessGroup, wait_http  # noqa: E402
+from bci_decoder.train.checkpoint import Decoder, Normalizer  # noqa: E402
+
+RATE_HZ = 20.0
+
+
+def poisson_session(units: int, seconds: float, seed: int = 0) -> Session:
+    rng = np.random.default_rng(seed)
+    n = rng.poisson(RATE_HZ * seconds * units)
+    t = np.sort(rng.uniform(0, seconds, n))
+    ts = np.arange(0.0, seconds, 0.01)
+    return Session(
+        session_id=f"bench{units}", subject="bench", spike_times=t,
+        spike_units=rng.integers(0, units, n).astype(np.int32),
+        unit_ids=[f"u{i}" for i in range(units)], brain_areas=["M1"] * units,
+        behavior={"hand_vel": Behavior("hand_vel", ts, rng.normal(size=(len(ts), 2)))},
+        domain=(0.0, seconds),
+    )  # fmt: skip
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(x: np.ndarray) -> dict[str, float | None]:
+    if not len(x):
+        return {"p50": None, "p99": None, "p999": None}
+    p = np.percentile(x, [50, 99, 99.9])
+    return {"p50": float(p[0]), "p99": float(p[1]), "p999": float(p[2])}
+
+
+def run(units: int, cadence: float, seconds: float, model: str, work: Path) -> dict:
+    tag = uuid.uuid4().hex[:8]
+    session = poisson_session(units, seconds + 5.0)
+    models = work / "models"
+    shutil.copytree(ROOT / "models" / model, models / model, dirs_exist_ok=True)
+    base = Decoder.load(models / model)
+    cal = add_session(base, session, "hand_vel", Normalizer.fit(session.behavior["hand_vel"].data))
+    cal.info = dict(cal.info) | {"calibration": {"session": session.session_id}}
+    cal.save(models / model / "calibrations" / "bench")
+    nwb = write_nwb(session, work / "bench.nwb")
+    port, token = free_port(), secrets.token_urlsafe(16)
+    spikes_id, control_id, echo_id = f"e2e-{tag}", f"e2e-{tag}-control", f"e2e-{tag}-echo"
+    cfg = {
+        "model": model, "models_dir": str(models), "calibration": "bench",
+        "cadence_hz": cadence, "autostart": True, "behavior": None,
+        "state_dir": str(ROOT / "out" / "bench-serve"),  # keeps the ONNX export between runs
+        "spikes": {"type": "Spikes", "source_id": spikes_id}, "control_source_id": control_id,
+        "api": {"host": "127.0.0.1", "port": port, "token": token},
+    }  # fmt: skip
+    (work / "serve.yaml").write_text(yaml.safe_dump(cfg))
+    procs = ProcessGroup(work / "logs")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        serve = procs.python("serve", ["-m", "bci_decoder.cli", "serve", "--config",
+                                       str(work / "serve.yaml")])  # fmt: skip
+        procs.python("echo", ["-m", "bci_decoder.runtime.echo", "--spikes-source-id", spikes_id,
+                              "--source-id", echo_id, "--cadence", str(cadence)])  # fmt: skip
+        wait_http(url + "/health", 180, lambda: procs.check("serve"))
+        procs.python("client", ["-m", "bci_decoder.runtime.client",
+                                "--stream", f"decoded=Control:{control_id}",
+                                "--stream", f"echo=Control:{echo_id}",
+                                "--seconds", str(seconds + 25), "--out", str(work / "client.npz")])  # fmt: skip
+        procs.python("replay", ["-m", "bci_decoder.cli", "replay", str(nwb), "--seconds",
+                                str(seconds), "--source-id", spikes_id, "--log",
+                                str(work / "replay.npz")])  # fmt: skip
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/status").json()["state"] != "running":
+            procs.check("serve")
+            procs.check("replay")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the daemon did not start decoding")
+            time.sleep(0.1)
+        st0 = httpx.get(url + "/status").json()
+        cpu0, wall0 = cpu_seconds(serve.pid), time.monotonic()
+        print(f"decoding {units} units at {cadence:g} Hz for {seconds:g} s ...", flush=True)
+        procs.wait("replay", seconds + 60)
+        cpu1, wall1 = cpu_seconds(serve.pid), time.monotonic()
+        st1 = httpx.get(url + "/status").json()
+        procs.wait("client", seconds + 60)
+    finally:
+        procs.stop_all()
+    rec = np.load(work / "client.npz")
+    log = np.load(work / "replay.npz")
+    td, ad = rec["decoded_timestamps"], rec["decoded_arrival"]
+    te, ae = rec["echo_timestamps"], rec["echo_arrival"]
+    lo, hi = log["spike_time"][0], log["spike_time"][-1]
+    keep_d, keep_e = (td > lo + 1.0) & (td < hi), (te > lo + 1.0) & (te < hi)
+    st, pc = log["spike_time"], log["push_clock"]
+    j = np.minimum(np.searchsorted(st, td, "right"), np.searchsorted(pc, td, "right")) - 1
+    ok = keep_d & (j >= 0)
+    return {
+        "cadence_hz": cadence,
+        "units": units,
+        "seconds": seconds,
+        "steps": st1["steps"] - st0["steps"],
+        "missed": st1["missed_deadlines"] - st0["missed_deadlines"],
+        "dropped": sum(st1["dropped"].values()),
+        "output_latency_ms": pct((ad - td)[keep_d] * 1e3),
+        "spike_to_output_ms": pct((ad[ok] - pc[j[ok]]) * 1e3),
+        "echo_latency_ms": pct((ae - te)[keep_e] * 1e3),
+        "daemon_cpu_percent": 100.0 * (cpu1 - cpu0) / (wall1 - wall0),
+        "step_ms": st1["latency"]["step_ms"],
+        "outputs_received": int(keep_d.sum()),
+        "echo_received": int(keep_e.sum()),
+    }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def table(r: dict) -> str:
+    def row(name: str, d: dict) -> str:
+        return f"{name:<22}{d['p50']:>9.3f}{d['p99']:>9.3f}{d['p999']:>9.3f}"
+
+    lines = [
+        f"{r['units']} units at 20 Hz, {r['cadence_hz']:g} Hz cadence, {r['seconds']:g} s: "
+        f"{r['steps']} steps, {r['missed']} missed ({100 * r['missed'] / max(r['steps'], 1):.2f}%), "
+        f"{r['dropped']} dropped, daemon CPU {r['daemon_cpu_percent']:.0f}%",
+        f"{'latency (ms)':<22}{'p50':>9}{'p99':>9}{'p99.9':>9}",
+        row("output (daemon)", r["output_latency_ms"]),
+        row("spike -> output", r["spike_to_output_ms"]),
+        row("echo (LSL floor)", r["echo_latency_ms"]),
+    ]
+    e, o = r["echo_latency_ms"], r["output_latency_ms"]
+    lines.append(
+        f"goals: p50 <= echo p50 + 0.5 ms: {o['p50']:.3f} <= {e['p50'] + 0.5:.3f} "
+        f"{'met' if o['p50'] <= e['p50'] + 0.5 else 'MISSED'}; p99 <= 2 x echo p99: "
+        f"{o['p99']:.3f} <= {2 * e['p99']:.3f} {'met' if o['p99'] <= 2 * e['p99'] else 'MISSED'}; "
+        f"0 missed: {'met' if r['missed'] == 0 else 'MISSED'}"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--units", type=int, default=200)
+    ap.add_argument("--cadence", type=float, default=100.0)
+    ap.add_argument("--seconds", type=float, default=300.0)
+    ap.add_argument("--model", default="poyo-mp-small")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:
+        r = run(a.units, a.cadence, a.seconds, a.model, Path(tmp))
+    print(table(r))
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(r, indent=1))
+        print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()

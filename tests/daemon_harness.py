@@ -1,0 +1,96 @@
+"""Test harness for the daemon: a real uvicorn server in a thread, real LSL on loopback.
+
+Every stream gets a random source id, so tests never pick up each other's (or a
+developer's) streams.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from bci_decoder.api.app import create_app
+from bci_decoder.config import ServeConfig, StreamSettings
+from bci_decoder.runtime.daemon import Daemon
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_config(state_dir: Path, models_dir: Path | None = None, **kw) -> ServeConfig:
+    tag = uuid.uuid4().hex[:8]
+    base = {
+        "models_dir": str(models_dir or ROOT / "models"),
+        "state_dir": str(state_dir),
+        "spikes": StreamSettings(type="Spikes", source_id=f"replay-{tag}"),
+        "behavior": StreamSettings(type="Behavior", source_id=f"replay-{tag}-behavior"),
+        "control_source_id": f"control-{tag}",
+        "api": {"host": "127.0.0.1", "port": free_port(), "token": TOKEN},
+    }
+    base.update(kw)
+    return ServeConfig(**base)
+
+
+class LiveServer:
+    """``create_app`` served by uvicorn on a free loopback port, in a thread."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.app = create_app(cfg)
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=cfg.api.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{cfg.api.port}"
+        self.http = httpx.Client(base_url=self.url, timeout=30.0)
+        self.auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.http.close()
+
+    @property
+    def daemon(self) -> Daemon:
+        return self.app.state.daemon
+
+    def status(self) -> dict:
+        r = self.http.get("/status")
+        r.raise_for_status()
+        return r.json()
+
+    def post(self, path: str, **kw) -> httpx.Response:
+        return self.http.post(path, headers=self.auth, **kw)
+
+    def put(self, path: str, **kw) -> httpx.Response:
+        return self.http.put(path, headers=self.auth, **kw)
+
+    def wait_state(self, state: str, timeout: float = 20.0) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            s = self.status()
+            if s["state"] == state:
+                return s
+            time.sleep(0.05)
+        raise AssertionError(f"state stayed {self.status()['state']!r}, wanted {state!r}")
