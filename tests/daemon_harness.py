@@ -81,7 +81,8 @@ class LiveServer:
         return r.json()
 
     def post(self, path: str, **kw) -> httpx.Response:
-        return self.http.post(path, headers=self.auth, **kw)
+        kw["headers"] = self.auth | kw.get("headers", {})
+        return self.http.post(path, **kw)
 
     def put(self, path: str, **kw) -> httpx.Response:
         return self.http.put(path, headers=self.auth, **kw)

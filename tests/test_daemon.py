@@ -169,7 +169,9 @@ def test_bad_samples_are_counted_not_fatal(session, state_dir):
             if st["stream"] and st["stream"]["received"] >= 20_006:
                 break
             time.sleep(0.05)
-        time.sleep(0.3)
+        deadline = time.time() + 20  # the engine is built once the stream is there
+        while srv.status()["state"] == "waiting-for-stream" and time.time() < deadline:
+            time.sleep(0.05)
         st = srv.status()
         d = st["dropped"]
         assert d["out_of_order"] == 1

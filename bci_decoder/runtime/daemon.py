@@ -348,7 +348,7 @@ class Daemon:
             )
         now = ring.newest_time
         bt, bx = ring.last_seconds(seconds, now)
-        st, su = self.ring.last_seconds(seconds, now)
+        st, su = self.ring.last_spikes(seconds, now)
         if len(bt) < 20 or bt[-1] - bt[0] < 0.5 * seconds:
             raise DaemonError(
                 f"only {bt[-1] - bt[0] if len(bt) else 0:.1f} s of behaviour recorded; asked "

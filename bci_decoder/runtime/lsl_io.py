@@ -162,6 +162,7 @@ class InletThread(threading.Thread):
         resolve_timeout: float = 1.0,
         pull_timeout: float = 0.05,
         max_buffer_s: int = 10,
+        max_buffer_spikes: int = 2_000_000,
         name: str = "inlet",
     ) -> None:
         super().__init__(name=name, daemon=True)
@@ -169,7 +170,8 @@ class InletThread(threading.Thread):
         self.chunk = chunk
         self.resolve_timeout = resolve_timeout
         self.pull_timeout = pull_timeout
-        self.max_buffer_s = max_buffer_s
+        self.max_buffer_s = max_buffer_s  # regular-rate streams: seconds LSL may hold
+        self.max_buffer_spikes = max_buffer_spikes  # irregular (spike) streams: samples
         self.stats = InletStats()
         self.state = "waiting"
         self.info: pylsl.StreamInfo | None = None
@@ -198,9 +200,13 @@ class InletThread(threading.Thread):
             # shifting spikes and even reordering them. Another host: correct them.
             same_host = info.hostname() == socket.gethostname()
             try:
+                # liblsl counts max_buflen in seconds for regular streams but in hundreds
+                # of samples for irregular ones: 10 would hold only 1,000 spikes (0.25 s
+                # of 200 units at 20 Hz), and a burst past that is lost
+                regular = info.nominal_srate() > 0
                 inlet = pylsl.StreamInlet(
                     info,
-                    max_buflen=self.max_buffer_s,
+                    max_buflen=self.max_buffer_s if regular else self.max_buffer_spikes // 100,
                     recover=False,  # a vanished stream is re-resolved here, visibly
                     processing_flags=0 if same_host else pylsl.proc_clocksync,
                 )
@@ -285,9 +291,9 @@ class SpikeInletThread(InletThread):
         if self._seq_col is not None:
             seq = data[:, self._seq_col].astype(np.int64)
             prev = self._last_seq
-            if prev is not None:
-                steps = np.diff(np.concatenate([[prev], seq])) & 0xFFFFFFFF  # int32 wrap
-                st.seq_gaps += int(np.clip(steps - 1, 0, None).sum())
+            chain = seq if prev is None else np.concatenate([[prev], seq])
+            steps = np.diff(chain) & 0xFFFFFFFF  # int32 wrap
+            st.seq_gaps += int(np.clip(steps - 1, 0, None).sum())
             self._last_seq = int(seq[-1])
         ok = np.isfinite(times)
         st.nan_time += int((~ok).sum())

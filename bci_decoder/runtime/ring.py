@@ -116,3 +116,8 @@ class SpikeRing(SampleRing):
         """(times (N,), units (N,), new_cursor, lost) since ``cursor``."""
         times, data, cursor, lost = self.read(cursor)
         return times, data[:, 0], cursor, lost
+
+    def last_spikes(self, seconds: float, now: float) -> tuple[np.ndarray, np.ndarray]:
+        """(times (N,), units (N,)) of the spikes with now - seconds <= time <= now."""
+        times, data = self.last_seconds(seconds, now)
+        return times, data[:, 0]
