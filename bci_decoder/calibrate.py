@@ -3,6 +3,14 @@
 Only the new session's unit embeddings (and its session embedding) are fitted; every
 other weight is frozen, so what the model learned across sessions carries over and a
 short labelled block suffices.
+
+The mean of the new unit embeddings is held at its initial value (the mean of the
+pretrained units). The encoder sums the embeddings of a group's spikes (the count path),
+so a shift shared by all units moves that sum by (spikes per group) x (shift): ~200x on a
+dense Utah-array session such as jango_20160711 (3,700 spikes/s), where Adam's common-mode
+steps threw the latents off their trained range and the fit sat at R² ~0.05. Only the
+differences between units carry identity; fixing their mean took that session from R² 0.06
+to 0.82 (60 s) and leaves sparse sessions unchanged.
 """
 
 from __future__ import annotations
@@ -91,6 +99,8 @@ def fit_units(
     model.session_emb.weight.requires_grad_(True)
     # only the rows of the new units/session move; the others stay bit-identical
     model.unit_emb.weight.register_hook(_rows_from(first_new_unit))
+    with torch.no_grad():
+        new_mean = model.unit_emb.weight[first_new_unit:].mean(0).clone()
     model.session_emb.weight.register_hook(_rows_from(first_new_session))
     opt = torch.optim.Adam([model.unit_emb.weight, model.session_emb.weight], lr=st.lr)
     src = SessionSource(
@@ -129,6 +139,9 @@ def fit_units(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        with torch.no_grad():  # hold the new units' mean (see the module docstring)
+            rows = model.unit_emb.weight[first_new_unit:]
+            rows -= rows.mean(0) - new_mean
         if progress is not None:
             progress(step + 1, float(loss.detach()))
     for p in model.parameters():
