@@ -137,6 +137,19 @@ def test_bad_model_folder_is_a_clear_error(tmp_path):
 
 def test_help_teaches():
     res = cli("--help")
-    for sub in ("simulate", "train", "evaluate", "calibrate", "demo"):
+    for sub in ("simulate", "train", "evaluate", "calibrate", "export", "serve", "replay", "demo"):
         assert sub in res.stdout
     assert "calibrate" in cli("calibrate", "--help").stdout
+    assert "Bearer" in cli("serve", "--help").stdout
+    assert "--speed" in cli("replay", "--help").stdout
+
+
+def test_cli_errors_are_clear(tmp_path):
+    res = cli("replay", check=False)
+    assert res.returncode == 2 and "--simulate" in res.stderr
+    res = cli("demo", "--data", str(tmp_path / "missing.nwb"), check=False)
+    assert res.returncode == 2 and "one NWB file" in res.stderr
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("cadence_hz: -5\n")
+    res = cli("serve", "--config", str(bad), check=False)
+    assert res.returncode == 2 and "cadence_hz" in res.stderr
