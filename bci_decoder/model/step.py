@@ -1,156 +1,451 @@
-"""One causal-mode group step: the graph the streaming engine runs (and exports to ONNX).
+"""The graphs the streaming engine runs (in torch, or exported to ONNX): one decode step.
 
-It computes one latent group at latent time t from its own spikes and the cached states
-of the finished groups before it, and reads the behaviour out at t. Run at a group's end
-time it gives the finished group's states (which the engine caches); run at any t inside
-the group it is the partial group of ``POYO.forward_causal``. Everything that needs
-float64 (phases, time differences) is computed outside, so the graph is float32 only.
+Both graphs take pre-rotated keys and values and compute only what changed. They are
+written op by op for a small ONNX graph (ONNX Runtime costs about 0.5 µs per node on
+this CPU, more than the arithmetic of a 4-latent step), and take the model's weights
+folded at construction: per-head projection tensors (H, D, Dh) so heads come out
+head-major without transposes, the attention scale folded into W_q, one matrix for the
+count path.
+
+Rotations. Every rotation inside a step is at one time (the step's time t, or a latent
+group's time), so it is one Dh x Dh matrix ``R``: ``x @ R`` rotates rows x (..., Dh)
+exactly like ``rotate`` (pairs (x[i], x[i + Dh/2]) by the phases of t). ``R`` is built in
+the graph from ``phase`` = [cos | sin] (Dh/2 each, float64-exact phases computed by the
+caller) with one product against a constant 0/±1 basis, so no entry is rounded.
+
+``CausalKVStep`` (causal mode): the partial group at t (its spikes so far, latent time
+t), attending to a per-layer key/value cache of finished groups: keys rotated at their
+group's time and values, exactly what ``POYO.forward_causal`` computes from the cached
+states, but projected once when the group finishes instead of at every step.
+``WindowKVStep`` (window mode): latents at t - W + k·s recomputed from the cached,
+pre-rotated spike keys of the window.
+
+Everything that needs float64 (phases, time differences) is computed by the caller, so
+the graphs are float32 only.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from bci_decoder.model.poyo import POYO
+from bci_decoder.model.poyo import POYO, FeedForward, RotaryAttention
 
 
-class CausalStep(nn.Module):
-    """Inputs (one stream; no batch dimension):
+def rotation_basis(dim_head: int) -> torch.Tensor:
+    """(Dh, Dh·Dh) 0/±1 matrix B with ``R(t) = ([cos | sin] @ B).reshape(Dh, Dh)``.
 
-    spike_k, spike_v  (S, H, Dh) rotated encoder keys/values of the group's spikes so far
-    spike_mask        (S,) bool
-    unit_sum          (D,) sum of those spikes' unit embeddings
-    elapsed           (1,) fraction of the group's step seen, in (0, 1]
-    q_cos, q_sin      (Dh/2,) phases of the latent time t
-    cache_states      (depth+1, L, D) states of finished groups (layer inputs; last = final)
-    cache_cos, cache_sin (L, Dh/2) phases of their times
-    cache_dt          (L,) t - their time (seconds, computed in float64)
-    cache_mask        (L,) bool: valid cache rows (finished groups within the context)
-    query             (D,) output query (session + output-kind embedding)
-
-    Outputs: prediction (sum of head dims,) in head order, states (depth+1, n, D).
+    ``x @ R`` equals ``rotate(x, cos, sin)``: out[i] = x[i]·c_i - x[h+i]·s_i and
+    out[h+i] = x[h+i]·c_i + x[i]·s_i for i < h = Dh/2.
     """
+    d, h = dim_head, dim_head // 2
+    b = torch.zeros(d, d, d)  # (source phase, row, column)
+    for i in range(h):
+        b[i, i, i] = 1.0  # R[i, i] = c_i
+        b[i, h + i, h + i] = 1.0  # R[h+i, h+i] = c_i
+        b[h + i, h + i, i] = -1.0  # R[h+i, i] = -s_i
+        b[h + i, i, h + i] = 1.0  # R[i, h+i] = s_i
+    return b.reshape(d, d * d)
+
+
+def _heads_in(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """nn.Linear weight (H·Dh, D) -> (H, D, Dh): x (.., D) @ it gives heads first."""
+    inner, dim = w.shape
+    return w.detach().reshape(heads, inner // heads, dim).transpose(1, 2).contiguous()
+
+
+class _Attn(nn.Module):
+    """Folded weights of one ``RotaryAttention``; 2D weights (one GEMM each), rows
+    (..., H, Dh) out: ONNX Runtime runs a broadcast (H, D, Dh) weight as H small GEMMs."""
+
+    def __init__(self, attn: RotaryAttention) -> None:
+        super().__init__()
+        H, Dh = attn.heads, attn.dim_head
+        self.heads, self.dim_head = H, Dh
+        self.eps = attn.norm_q.eps
+        for name in ("norm_q", "norm_kv"):
+            ln = getattr(attn, name)
+            self.register_buffer(f"{name}_w", ln.weight.detach().clone())
+            self.register_buffer(f"{name}_b", ln.bias.detach().clone())
+        self.register_buffer(
+            "wq", (attn.to_q.weight.detach() * Dh**-0.5).T.contiguous()
+        )  # (D, H·Dh)
+        wkv = torch.cat([attn.to_k.weight.detach(), attn.to_v.weight.detach()], 0)
+        self.register_buffer("wkv", wkv.T.contiguous())  # (D, 2·H·Dh)
+        self.register_buffer("wo", attn.to_out.weight.detach().T.contiguous())  # (H·Dh, D)
+        self.register_buffer("bo", attn.to_out.bias.detach().clone())
+        self.register_buffer("neg_recency", -attn.recency.detach().clone()[:, None, None])
+
+    def ln(self, x: torch.Tensor, which: str) -> torch.Tensor:
+        w, b = getattr(self, f"{which}_w"), getattr(self, f"{which}_b")
+        return F.layer_norm(x, w.shape, w, b, self.eps)
+
+    # Shapes are Python constants (and -1) throughout: a shape read from a tensor would
+    # export as Shape/Gather/Concat nodes, each costing as much as a small matmul.
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """x (rows, D) -> scaled, unrotated queries (rows, H, Dh)."""
+        return (self.ln(x, "norm_q") @ self.wq).reshape(-1, self.heads, self.dim_head)
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (rows, D) -> unrotated k, v (rows, H, Dh)."""
+        kv = (self.ln(x, "norm_kv") @ self.wkv).reshape(-1, 2 * self.heads, self.dim_head)
+        k, v = kv.split(self.heads, 1)
+        return k, v
+
+    def out_rows(self, o: torch.Tensor) -> torch.Tensor:
+        """o (rows, H, Dh) -> (rows, D): the output projection."""
+        return o.reshape(-1, self.heads * self.dim_head) @ self.wo + self.bo
+
+
+def _swap_halves(w: torch.Tensor, heads: int, dim_head: int) -> torch.Tensor:
+    """Columns (.., H·Dh) of a projection with each head's halves swapped: x @ it gives
+    swap(x) = [x[h:], x[:h]] per head, so rotate(x) = x ⊙ [c | c] + swap(x) ⊙ [-s | s]."""
+    h = dim_head // 2
+    w = w.reshape(*w.shape[:-1], heads, 2, h)
+    return w.flip(-2).reshape(*w.shape[:-3], heads * dim_head)
+
+
+class _SelfAttn(_Attn):
+    """A self-attention block with q, k, v and the swapped q, k in one GEMM: the
+    layer norms' affine maps are folded into it (q uses norm_q, k and v norm_kv), and
+    rotating q and k at the query's time is then one product with per-step
+    coefficients and a sum (see ``CausalKVStep.rotation_coefficients``)."""
+
+    def __init__(self, attn: RotaryAttention) -> None:
+        super().__init__(attn)
+        H, Dh = attn.heads, attn.dim_head
+        gq, bq = attn.norm_q.weight.detach(), attn.norm_q.bias.detach()
+        gk, bk = attn.norm_kv.weight.detach(), attn.norm_kv.bias.detach()
+        wq = attn.to_q.weight.detach().T * Dh**-0.5  # (D, H·Dh)
+        wk, wv = attn.to_k.weight.detach().T, attn.to_v.weight.detach().T
+        blocks_w = [gq[:, None] * wq, gk[:, None] * wk, gk[:, None] * wv]
+        blocks_b = [bq @ wq, bk @ wk, bk @ wv]
+        sw = [_swap_halves(b, H, Dh) for b in blocks_w[:2]]
+        sb = [_swap_halves(b, H, Dh) for b in blocks_b[:2]]
+        self.dim = wq.shape[0]
+        zero_w, zero_b = torch.zeros_like(wv), torch.zeros(wv.shape[1])
+        self.register_buffer("w_fused", torch.cat([*blocks_w, *sw, zero_w], 1))  # (D, 6·H·Dh)
+        self.register_buffer("b_fused", torch.cat([*blocks_b, *sb, zero_b]))
+
+    def qkv(self, x: torch.Tensor, cs: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+        """x (B·n, D), cs (B, 1, 2, 3·H·Dh) -> q, k rotated at their query's time and v,
+        each (H, B·n, Dh)."""
+        H, Dh = self.heads, self.dim_head
+        xn = F.layer_norm(x, (self.dim,), eps=self.eps)
+        y = (xn @ self.w_fused + self.b_fused).reshape(-1, n, 2, 3 * H * Dh)
+        y = (y * cs).sum(2).reshape(-1, 3 * H, Dh).transpose(0, 1)  # (3H, B·n, Dh)
+        q, k, v = y.split(H, 0)
+        return q, k, v
+
+
+class _FFN(nn.Module):
+    def __init__(self, ffn: FeedForward) -> None:
+        super().__init__()
+        lin1, lin2 = ffn.net[0], ffn.net[2]
+        self.eps = ffn.norm.eps
+        self.register_buffer("ln_w", ffn.norm.weight.detach().clone())
+        self.register_buffer("ln_b", ffn.norm.bias.detach().clone())
+        self.register_buffer("w1", lin1.weight.detach().clone())
+        self.register_buffer("b1", lin1.bias.detach().clone())
+        self.register_buffer("w2", lin2.weight.detach().clone())
+        self.register_buffer("b2", lin2.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.layer_norm(x, self.ln_w.shape, self.ln_w, self.ln_b, self.eps)
+        return F.linear(F.gelu(F.linear(h, self.w1, self.b1)), self.w2, self.b2)
+
+
+class _Folded(nn.Module):
+    """Weights shared by both step graphs."""
 
     def __init__(self, model: POYO) -> None:
         super().__init__()
-        self.model = model
-
-    def forward(
-        self,
-        spike_k: torch.Tensor,
-        spike_v: torch.Tensor,
-        spike_mask: torch.Tensor,
-        unit_sum: torch.Tensor,
-        elapsed: torch.Tensor,
-        q_cos: torch.Tensor,
-        q_sin: torch.Tensor,
-        cache_states: torch.Tensor,
-        cache_cos: torch.Tensor,
-        cache_sin: torch.Tensor,
-        cache_dt: torch.Tensor,
-        cache_mask: torch.Tensor,
-        query: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.model
-        n = m.config.latents_per_group
-        x = m.encode(
-            (q_cos[None, None], q_sin[None, None]),
-            spike_k[None, None],
-            spike_v[None, None],
-            spike_mask[None, None],
-            unit_sum[None, None],
-            elapsed[None],
-        )[:, 0]  # (1, n, D)
-        # keys: cached finished groups, then the group itself (dt = 0)
-        kc = torch.cat([cache_cos, q_cos.expand(n, -1)], 0)[None]  # (1, L+n, Dh/2)
-        ks = torch.cat([cache_sin, q_sin.expand(n, -1)], 0)[None]
-        qc, qs = q_cos.expand(n, -1)[None], q_sin.expand(n, -1)[None]
-        dt = torch.cat([cache_dt, cache_dt.new_zeros(n)], 0).abs()  # (L+n,)
-        valid = torch.cat([cache_mask, cache_mask.new_ones(n)], 0)  # (L+n,)
-
-        def bias(attn, lq: int) -> torch.Tensor:
-            b = -attn.recency[:, None, None] * dt[None, None, :]  # (H, 1, L+n)
-            b = b.masked_fill(~valid[None, None, :], float("-inf"))
-            return b.expand(-1, lq, -1)[None]  # (1, H, lq, L+n)
-
-        sbias = bias(m.self_attn[0], n)
-        states = []
-        for layer in range(m.config.depth):
-            states.append(x[0])
-            kv = torch.cat([cache_states[layer][None], x], 1)  # (1, L+n, D)
-            x = x + m._attend(m.self_attn[layer], x, None, kv, None, sbias, (qc, qs, kc, ks))
-            x = x + m.self_ffn[layer](x)
-        states.append(x[0])
-        kv = torch.cat([cache_states[m.config.depth][None], x], 1)
-        y = query[None, None]  # (1, 1, D)
-        y = y + m._attend(
-            m.dec_attn,
-            y,
-            None,
-            kv,
-            None,
-            bias(m.dec_attn, 1),
-            (q_cos[None, None], q_sin[None, None], kc, ks),
+        c = model.config
+        self.n, self.dim, self.dim_head, self.depth = (
+            c.latents_per_group,
+            c.dim,
+            c.dim_head,
+            c.depth,
         )
-        y = m.dec_norm(y + m.dec_ffn(y))
-        pred = torch.cat([m.heads[name](y)[0, 0] for name in m.output_names], 0)
-        return pred, torch.stack(states, 0)
+        self.rotate_values = c.rotate_values
+        self.register_buffer("basis", rotation_basis(c.dim_head))
+        self.register_buffer("latent", model.latent_emb.detach().clone())  # (n, D)
+        # count path: [unit_sum | elapsed] @ count_w + count_b (one product)
+        cw = torch.cat([model.count_proj.weight.detach().T, model.elapsed_emb.detach()[None]], 0)
+        self.register_buffer("count_w", cw)  # (D+1, D)
+        self.register_buffer("count_b", model.count_proj.bias.detach().clone())
+        self.enc = _Attn(model.enc_attn)
+        self.enc_ffn = _FFN(model.enc_ffn)
+        self.self_attn = nn.ModuleList(_SelfAttn(a) for a in model.self_attn)
+        # per-step rotation coefficients of the self-attention heads: [cos|cos] and
+        # [-sin|sin] per head for q and k, 1 and 0 for v (see _SelfAttn.qkv)
+        H, h = model.self_attn[0].heads, c.dim_head // 2
+        m = torch.zeros(c.dim_head, 2, 3, H, 2, h)  # (phase, C|S, q|k|v, head, half, i)
+        for i in range(h):
+            for part in range(2):  # q, k
+                m[i, 0, part, :, :, i] = 1.0  # C = cos_i in both halves
+                m[h + i, 1, part, :, 0, i] = -1.0  # S = -sin_i in the first half
+                m[h + i, 1, part, :, 1, i] = 1.0  # and +sin_i in the second
+        offset = torch.zeros(2, 3, H, 2, h)
+        offset[0, 2] = 1.0  # v: C = 1, S = 0
+        self.register_buffer("cs_basis", m.reshape(c.dim_head, -1))
+        self.register_buffer("cs_offset", offset.reshape(-1))
+        self.self_ffn = nn.ModuleList(_FFN(f) for f in model.self_ffn)
+        self.dec = _Attn(model.dec_attn)
+        self.dec_ffn = _FFN(model.dec_ffn)
+        self.register_buffer("dec_norm_w", model.dec_norm.weight.detach().clone())
+        self.register_buffer("dec_norm_b", model.dec_norm.bias.detach().clone())
+        self.dec_norm_eps = model.dec_norm.eps
+        names = model.output_names
+        self.register_buffer(
+            "head_w", torch.cat([model.heads[k].weight.detach() for k in names], 0).T.contiguous()
+        )  # (D, sum of head dims)
+        self.register_buffer("head_b", torch.cat([model.heads[k].bias.detach() for k in names]))
+
+    def rotation(self, phase: torch.Tensor) -> torch.Tensor:
+        """phase (B, Dh) = [cos | sin] -> R (B, Dh, Dh)."""
+        d = self.dim_head
+        return (phase @ self.basis).reshape(-1, d, d)  # -1: the exported graph keeps B dynamic
+
+    def rotation_coefficients(self, phase: torch.Tensor) -> torch.Tensor:
+        """phase (B, Dh) -> (B, 1, 2, 3·Hs·Dh) coefficients of ``_SelfAttn.qkv``."""
+        return (phase @ self.cs_basis + self.cs_offset).reshape(
+            -1, 1, 2, self.cs_offset.numel() // 2
+        )
+
+    def readout(self, y: torch.Tensor) -> torch.Tensor:
+        """y (B, D) after the decoder attention -> predictions (B, sum of head dims)."""
+        y = y + self.dec_ffn(y)
+        y = F.layer_norm(
+            y, self.dec_norm_w.shape, self.dec_norm_w, self.dec_norm_b, self.dec_norm_eps
+        )
+        return y @ self.head_w + self.head_b
 
 
-class WindowStep(nn.Module):
-    """Window mode for one stream: latents recomputed each step from cached spike keys.
+def decoder_query(model: POYO, query: torch.Tensor) -> torch.Tensor:
+    """The decoder's projected query (Hc, 1, Dh), scaled, unrotated, for a query (D,):
+    constant per session and output, so it lives in the unit tables, not the graph."""
+    att = _Attn(model.dec_attn)
+    with torch.no_grad():
+        return att.query(query[None]).transpose(0, 1).contiguous()
 
-    spike_k, spike_v  (N, H, Dh) rotated keys/values of the ring's spikes
-    spike_mask        (N,) bool: spikes inside (t - W, t]
-    group_sum         (K, D) sum of unit embeddings of each latent group's own spikes
-    lat_cos, lat_sin  (K, Dh/2) phases of the latent times t - W + k·s
-    self_dt           (K·n, K·n) |time differences| between latents (seconds)
-    dec_dt            (K·n,) t - latent time
-    dec_cos, dec_sin  (Dh/2,) phases of t
-    query             (D,)
-    Output: prediction (sum of head dims,).
+
+CAUSAL_INPUTS_HEAD = [
+    "spike_k",  # (S, Hc, Dh) rotated encoder keys of the group's spikes
+    "spike_v",  # (S, Hc, Dh) their values (rotated if rotate_values)
+    "spike_bias",  # (1 or B·n, B+S) additive score of [<null> of each query | spikes]:
+    #                0 where a query's rows see the key, -inf where not
+    "count_feat",  # (B, D+1) [sum of the unit embeddings of the spikes seen | elapsed]
+    "phase",  # (B, Dh) [cos | sin] of each query's latent time t_b
+    "dt",  # (1 or B·n, L+B·n) t_b - time of each key row: inf where a row must not
+    #        see the key (empty cache row, another query's rows), 0 for its own rows
+    "dec_dt",  # (1 or B, L+B·n) the same per query, for the readout
+    "null_k",  # (Hc, 1, Dh) <null> key, unrotated
+    "null_v",  # (Hc, 1, Dh) <null> value
+    "dec_q",  # (Hc, 1, Dh) decoder query, projected and scaled, unrotated
+    "query",  # (1, D) output query embedding (session + output kind)
+]
+
+
+def causal_inputs(depth: int) -> list[str]:
+    """Input names of ``CausalKVStep`` in order: one cache input per layer, so the
+    engine binds views of its cache arrays once and no graph node slices them."""
+    return (
+        CAUSAL_INPUTS_HEAD
+        + [f"cache_k{i}" for i in range(depth)]  # (Hs, L, Dh) keys rotated at their time
+        + [f"cache_v{i}" for i in range(depth)]  # (Hs, L, Dh)
+        + ["dec_k", "dec_v"]  # (Hc, L, Dh) decoder keys (rotated) / values of final states
+    )
+
+
+CACHE_OUTPUTS = ["new_k", "new_v", "new_dk", "new_dv"]
+
+
+class CausalKVStep(nn.Module):
+    """Causal steps of one stream: B partial groups of the current group (queries at
+    times t_b, each seeing the group's spikes up to t_b) read the cache of finished groups.
+
+    The B queries are rows, not a batch dimension: their n latents each are stacked into
+    B·n rows that attend to the cache and, through the ``dt`` / ``spike_bias`` masks,
+    only to their own query's rows. With B = 1 (streaming) this is the smallest graph;
+    offline decoding runs all queries of a group, plus the group's finish at its end
+    time as the last query, in one run.
+
+    ``readout``: output ``prediction`` (B, sum of head dims). ``emit``: output the rows'
+    cache entries ``new_k``, ``new_v`` (depth·Hs, B·n, Dh), ``new_dk``, ``new_dv``
+    (Hc, B·n, Dh); run at a group's end time (elapsed 1, all its spikes) the last n rows
+    are the finished group's cache rows.
     """
+
+    def __init__(
+        self, model: POYO, readout: bool = True, emit: bool = False, fused_qkv: bool = True
+    ) -> None:
+        super().__init__()
+        if not (readout or emit):
+            raise ValueError("a step graph needs an output: readout, emit or both")
+        self.f = _Folded(model)
+        self.readout, self.emit = readout, emit
+        # fused: q, k, v and their rotation in 5 nodes but twice the projection FLOPs
+        # (best for one query, where nodes cost more than arithmetic); unfused: a
+        # rotation matrix per query (best for the offline batch of many queries)
+        self.fused_qkv = fused_qkv
+        self.input_names = causal_inputs(self.f.depth)
+        self.output_names = (["prediction"] if readout else []) + (CACHE_OUTPUTS if emit else [])
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        f = self.f
+        n, depth = f.n, f.depth
+        (spike_k, spike_v, spike_bias, count_feat, phase, dt, dec_dt) = inputs[:7]
+        (null_k, null_v, dec_q, query) = inputs[7:11]
+        cache_k, cache_v = inputs[11 : 11 + depth], inputs[11 + depth : 11 + 2 * depth]
+        dec_k, dec_v = inputs[11 + 2 * depth], inputs[12 + 2 * depth]
+        R = f.rotation(phase)  # (B, Dh, Dh)
+
+        Dh = f.dim_head
+
+        def rot(x: torch.Tensor, H: int, R: torch.Tensor = R) -> torch.Tensor:
+            """Rows x (B·n, H, Dh) rotated by their query's R (B, Dh, Dh)."""
+            return (x.reshape(-1, n * H, Dh) @ R).reshape(-1, H, Dh)
+
+        # encoder: each query's n latents attend to its <null> + the spikes it sees
+        enc = f.enc
+        x = f.latent + (count_feat @ f.count_w + f.count_b)[:, None]  # (B, n, D)
+        x = x.reshape(-1, f.dim)  # (B·n, D)
+        Hc, Hs = enc.heads, f.self_attn[0].heads
+        q = rot(enc.query(x), Hc).transpose(0, 1)  # (Hc, B·n, Dh)
+        null_kr = (null_k.transpose(0, 1) @ R).transpose(0, 1)  # (Hc, B, Dh) at each t_b
+        k = torch.cat([null_kr, spike_k.transpose(0, 1)], 1)  # (Hc, B+S, Dh)
+        if f.rotate_values:
+            null_v = (null_v.transpose(0, 1) @ R).transpose(0, 1)  # (Hc, B, Dh)
+        else:
+            null_v = null_v.expand_as(null_kr)
+        v = torch.cat([null_v, spike_v.transpose(0, 1)], 1)  # (Hc, B+S, Dh)
+        p = torch.softmax(q @ k.transpose(1, 2) + spike_bias, -1)  # (Hc, B·n, B+S)
+        o = (p @ v).transpose(0, 1)  # (B·n, Hc, Dh)
+        if f.rotate_values:
+            o = rot(o, Hc, R.transpose(1, 2))  # back from each query's time
+        x = x + enc.out_rows(o)
+        x = x + f.enc_ffn(x)
+
+        # processor: causal self-attention over cached groups + the query's own rows
+        self_bias = f.self_attn[0].neg_recency * dt  # (Hs, 1 or B·n, L+B·n)
+        cs = f.rotation_coefficients(phase) if self.fused_qkv else None  # (B, 1, 2, 3·Hs·Dh)
+        new_k, new_v = [], []
+        for layer in range(depth):
+            a = f.self_attn[layer]
+            if self.fused_qkv:
+                q, k, v = a.qkv(x, cs, n)  # (Hs, B·n, Dh) each, q and k rotated
+            else:
+                q = rot(a.query(x), Hs).transpose(0, 1)  # (Hs, B·n, Dh)
+                k, v = a.keys_values(x)  # (B·n, Hs, Dh)
+                k, v = rot(k, Hs).transpose(0, 1), v.transpose(0, 1)
+            if self.emit:
+                new_k.append(k)
+                new_v.append(v)
+            kk = torch.cat([cache_k[layer], k], 1)  # (Hs, L+B·n, Dh)
+            vv = torch.cat([cache_v[layer], v], 1)
+            p = torch.softmax(q @ kk.transpose(1, 2) + self_bias, -1)  # (Hs, B·n, L+B·n)
+            x = x + a.out_rows((p @ vv).transpose(0, 1))
+            x = x + f.self_ffn[layer](x)
+
+        dk, dv = f.dec.keys_values(x)  # (B·n, Hc, Dh)
+        dk, dv = rot(dk, f.dec.heads).transpose(0, 1), dv.transpose(0, 1)  # (Hc, B·n, Dh)
+        outputs = []
+        if self.readout:  # the output query at each t_b reads finished groups + its rows
+            kk = torch.cat([dec_k, dk], 1)  # (Hc, L+B·n, Dh)
+            vv = torch.cat([dec_v, dv], 1)
+            qd = (dec_q.transpose(0, 1) @ R).transpose(0, 1)  # (Hc, B, Dh)
+            p = torch.softmax(qd @ kk.transpose(1, 2) + f.dec.neg_recency * dec_dt, -1)
+            outputs.append(f.readout(query + f.dec.out_rows((p @ vv).transpose(0, 1))))
+        if self.emit:
+            outputs += [torch.cat(new_k, 0), torch.cat(new_v, 0), dk, dv]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+WINDOW_INPUTS = [
+    "spike_k",  # (N, Hc, Dh) rotated keys of the window's spikes
+    "spike_v",  # (N, Hc, Dh)
+    "group_sum",  # (K, D) sum of unit embeddings of each latent group's own spikes
+    "lat_phase",  # (K, Dh) [cos | sin] of the latent times t - W + k·s
+    "dec_phase",  # (Dh,) [cos | sin] of t
+    "self_dt",  # (K·n, K·n) |time differences| between latents (constant)
+    "dec_dt",  # (K·n,) t - latent time (constant)
+    "null_k",  # (Hc, 1, Dh)
+    "null_v",  # (Hc, 1, Dh)
+    "dec_q",  # (Hc, 1, Dh)
+    "query",  # (1, D)
+]
+
+
+class WindowKVStep(nn.Module):
+    """Window mode for one stream: latents recomputed each step from cached spike keys.
+    Inputs ``WINDOW_INPUTS``; output ``prediction`` (sum of head dims,)."""
+
+    input_names = WINDOW_INPUTS
+    output_names = ["prediction"]
 
     def __init__(self, model: POYO) -> None:
         super().__init__()
-        self.model = model
+        self.f = _Folded(model)
+        self.K = int(round(model.config.context / model.config.latent_step))
 
     def forward(
         self,
         spike_k: torch.Tensor,
         spike_v: torch.Tensor,
-        spike_mask: torch.Tensor,
         group_sum: torch.Tensor,
-        lat_cos: torch.Tensor,
-        lat_sin: torch.Tensor,
+        lat_phase: torch.Tensor,
+        dec_phase: torch.Tensor,
         self_dt: torch.Tensor,
         dec_dt: torch.Tensor,
-        dec_cos: torch.Tensor,
-        dec_sin: torch.Tensor,
+        null_k: torch.Tensor,
+        null_v: torch.Tensor,
+        dec_q: torch.Tensor,
         query: torch.Tensor,
     ) -> torch.Tensor:
-        m = self.model
-        n = m.config.latents_per_group
-        K = lat_cos.shape[0]
-        x = m.encode(
-            (lat_cos[None], lat_sin[None]),
-            spike_k[None, None],
-            spike_v[None, None],
-            spike_mask[None, None],
-            group_sum[None],
-            torch.ones(1, K),
-        ).flatten(1, 2)  # (1, K·n, D)
-        tc = lat_cos.repeat_interleave(n, 0)[None]  # (1, K·n, Dh/2)
-        ts = lat_sin.repeat_interleave(n, 0)[None]
-        sbias = (-m.self_attn[0].recency[:, None, None] * self_dt[None])[None]  # (1, H, Kn, Kn)
-        for layer in range(m.config.depth):
-            x = x + m._attend(m.self_attn[layer], x, None, x, None, sbias, (tc, ts, tc, ts))
-            x = x + m.self_ffn[layer](x)
-        dbias = (-m.dec_attn.recency[:, None, None] * dec_dt[None, None])[None]  # (1, H, 1, Kn)
-        y = query[None, None]
-        y = y + m._attend(
-            m.dec_attn, y, None, x, None, dbias, (dec_cos[None, None], dec_sin[None, None], tc, ts)
-        )
-        y = m.dec_norm(y + m.dec_ffn(y))
-        return torch.cat([m.heads[name](y)[0, 0] for name in m.output_names], 0)
+        f, K, n, D = self.f, self.K, self.f.n, self.f.dim
+        Kn = K * n
+        Rl = f.rotation(lat_phase)  # (K, Dh, Dh)
+        Rd = f.rotation(dec_phase[None])[0]  # (Dh, Dh)
+
+        Dh = f.dim_head
+
+        def rot(x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+            """Rows x (K·n, H, Dh) rotated per latent group by R (K, Dh, Dh)."""
+            H = x.shape[1]  # a constant here: every shape of the window graph is fixed
+            return (x.reshape(K, n * H, Dh) @ R).reshape(Kn, H, Dh)
+
+        enc = f.enc
+        ones = torch.ones(K, 1)  # elapsed = 1: every window group is complete
+        x = f.latent + (torch.cat([group_sum, ones], 1) @ f.count_w + f.count_b)[:, None]
+        x = x.reshape(Kn, D)  # (K·n, D)
+        qp = enc.query(x)  # (K·n, Hc, Dh) unrotated
+        q = rot(qp, Rl).transpose(0, 1)  # (Hc, K·n, Dh)
+        s_spk = q @ spike_k.permute(1, 2, 0)  # (Hc, K·n, N)
+        # <null> sits at the latent's own time: its score needs no rotation
+        s_null = qp.transpose(0, 1) @ null_k.transpose(1, 2)  # (Hc, K·n, 1)
+        p = torch.softmax(torch.cat([s_null, s_spk], -1), -1)
+        if f.rotate_values:
+            o = rot((p[..., 1:] @ spike_v.transpose(0, 1)).transpose(0, 1), Rl.transpose(1, 2))
+            o = o.transpose(0, 1) + p[..., :1] * null_v
+        else:
+            o = p @ torch.cat([null_v, spike_v.transpose(0, 1)], 1)  # (Hc, K·n, Dh)
+        x = x + enc.out_rows(o.transpose(0, 1))
+        x = x + f.enc_ffn(x)
+
+        self_bias = f.self_attn[0].neg_recency * self_dt  # (Hs, K·n, K·n)
+        for layer in range(f.depth):
+            a = f.self_attn[layer]
+            q = rot(a.query(x), Rl).transpose(0, 1)  # (Hs, K·n, Dh)
+            k, v = a.keys_values(x)
+            k = rot(k, Rl).transpose(0, 1)
+            p = torch.softmax(q @ k.transpose(1, 2) + self_bias, -1)
+            x = x + a.out_rows((p @ v.transpose(0, 1)).transpose(0, 1))
+            x = x + f.self_ffn[layer](x)
+
+        dk, dv = f.dec.keys_values(x)
+        p = torch.softmax(
+            (dec_q @ Rd) @ rot(dk, Rl).permute(1, 2, 0) + f.dec.neg_recency * dec_dt, -1
+        )  # (Hc, 1, K·n)
+        return f.readout(query + f.dec.out_rows((p @ dv.transpose(0, 1)).transpose(0, 1)))[0]
