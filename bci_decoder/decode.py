@@ -1,8 +1,12 @@
-"""Offline decoding of a whole session with the torch model, in both modes.
+"""Offline decoding of a whole session, in both modes.
 
-Causal mode streams the session in chunks of groups with the cache of finished groups
-carried over, so each prediction at t uses only spikes up to t, exactly as live.
-Window mode decodes each query from the window that ends at it.
+``decode_stream`` runs the session through the streaming engine (``StreamingEngine.decode``,
+the ONNX graphs the daemon runs), so offline scores measure what runs live; it is what
+``decode_session`` uses in causal mode. ``decode_causal`` and ``decode_window`` are the
+torch reference the engine is tested against: causal mode streams the session in chunks
+of groups with the cache of finished groups carried over, so each prediction at t uses
+only spikes up to t, exactly as live; window mode decodes each query from the window that
+ends at it.
 """
 
 from __future__ import annotations
@@ -119,18 +123,62 @@ def decode_window(
     return np.concatenate(preds)
 
 
+def stream_start(query_time: float, burn_in: float, step: float) -> float:
+    """Where ``decode_causal`` starts its stream for a first query: the end of the group
+    after the one owning ``query_time - burn_in`` (a time its first group owns)."""
+    return float((grid_index(query_time - burn_in, step) + 1) * step)
+
+
+def decode_stream(
+    decoder: Decoder,
+    session: Session,
+    output: str,
+    query_times: np.ndarray,
+    *,
+    mode: str = "causal",
+    burn_in: float = 3.0,
+    backend: str = "onnx",
+) -> np.ndarray:
+    """Normalised predictions (Q, D) at sorted ``query_times`` through the streaming
+    engine: the same graphs, unit tables and state as live decoding. Causal mode starts
+    the stream ``burn_in`` seconds before the first query, as ``decode_causal`` does."""
+    from bci_decoder.runtime.engine import StreamingEngine, UnitTables
+
+    q = np.asarray(query_times, dtype=np.float64)
+    session_tokens(decoder, session)  # the clear error for an unknown session
+    engine = StreamingEngine(decoder, session.session_id, output, mode=mode, backend=backend)
+    # the engine's local unit index is the session's own unit index
+    engine.set_units(
+        UnitTables.from_decoder(decoder, session.session_id, output, list(session.unit_ids))
+    )
+    start = stream_start(q[0], burn_in, decoder.config.latent_step) if q.size else None
+    return engine.decode(
+        session.spike_times,
+        session.spike_units,
+        q,
+        start=start if mode == "causal" else None,
+        normalised=True,
+    )
+
+
 def decode_session(
     decoder: Decoder,
     session: Session,
     output: str,
     span: tuple[float, float],
     mode: str = "causal",
+    backend: str = "engine",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode the behaviour samples of ``span``: (timestamps, target, prediction), the
-    prediction in the behaviour's own units."""
+    prediction in the behaviour's own units. ``backend="engine"``: causal mode through
+    the streaming engine (what runs live); ``"torch"``: the torch reference."""
+    if backend not in ("engine", "torch"):
+        raise ValueError(f"backend must be 'engine' or 'torch', not {backend!r}")
     times, units, sidx = session_tokens(decoder, session)
     beh = session.behavior[output].between(*span)
-    if mode == "causal":
+    if mode == "causal" and backend == "engine":
+        z = decode_stream(decoder, session, output, beh.timestamps)
+    elif mode == "causal":
         z = decode_causal(decoder, times, units, sidx, output, beh.timestamps)
     elif mode == "window":
         z = decode_window(decoder, times, units, sidx, output, beh.timestamps)
