@@ -551,7 +551,7 @@ class StreamingEngine:
         g = grid_index(t, s)
         cuts = [0, *(np.flatnonzero(np.diff(g)) + 1).tolist(), t.size]
         for a, b in itertools.pairwise(cuts):
-            self._advance_to(int(g[a]))
+            self._advance_to(int(g[a]), tab)
             accepted += self._append(t[a:b], u[a:b], tab)
         return accepted
 
@@ -667,9 +667,9 @@ class StreamingEngine:
         self._write_cache(g, self._new)
         self._clear_group()
 
-    def _advance_to(self, g: int) -> None:
-        """Make ``g`` the current group, finishing every group before it."""
-        tab = self._tables
+    def _advance_to(self, g: int, tab: UnitTables) -> None:
+        """Make ``g`` the current group, finishing every group before it (with the
+        tables the calling push/step took: a swap lands between calls, never inside)."""
         if tab is not self._bound_tables:
             self._bind_tables(tab)
         while self._group < g:
@@ -683,14 +683,14 @@ class StreamingEngine:
         if tab is not self._bound_tables:
             self._bind_tables(tab)
         t = float(t)
-        z = self._step_window(t) if self.mode == "window" else self._step_causal(t)
+        z = self._step_window(t) if self.mode == "window" else self._step_causal(t, tab)
         y = z[tab.out_slice] * tab.norm.std + tab.norm.mean
         self._steps += 1
         self._lat[self._lat_i] = (time.perf_counter() - t0) * 1e3
         self._lat_i = (self._lat_i + 1) % self._lat.size
         return y
 
-    def _step_causal(self, t: float) -> np.ndarray:
+    def _step_causal(self, t: float, tab: UnitTables) -> np.ndarray:
         s = self.step_s
         g = _grid_index(t, s)
         if self._group is None:
@@ -698,7 +698,7 @@ class StreamingEngine:
         elif g < self._group:
             raise ValueError(f"step time {t} is before the current group; steps must move forward")
         elif g > self._group:
-            self._advance_to(g)
+            self._advance_to(g, tab)
         self._set_time(t, (t - (g - 1) * s) / s)
         self._run("causal_step")
         self._last_step = t
@@ -771,8 +771,10 @@ class StreamingEngine:
     def _decode_causal(
         self, times: np.ndarray, units: np.ndarray, q: np.ndarray, out: np.ndarray
     ) -> None:
-        """``decode`` in causal mode: per group, one run of the batch graph computes
-        its B-1 queries and (as row B) its finish, whose cache rows go into the ring."""
+        """``decode`` in causal mode. Spikes are rotated a chunk of groups at a time (the
+        same ``_rotate``, vectorised over ~10^4 spikes); then per group one run of the
+        batch graph computes its queries and, as its last row block, the group's finish,
+        whose cache rows go into the ring as in streaming."""
         tab = self._tables
         if tab is not self._bound_tables:
             self._bind_tables(tab)
@@ -791,69 +793,71 @@ class StreamingEngine:
         sp_edges = np.searchsorted(grid_index(t_all, s), groups).tolist()
         q_edges = np.searchsorted(g_q, groups).tolist()
         batch = self._batch_runner()
-        per_b: dict[int, tuple] = {}  # B -> output arrays and mask templates, made once
-        phase_b = self._unit_phase((64,))
-        ph64 = np.zeros((64, self.F))
-        tq = np.zeros(64)
-        self._group = first
-        for i, g in enumerate(range(first, last + 1)):
-            a, b, qa, qb = sp_edges[i], sp_edges[i + 1], q_edges[i], q_edges[i + 1]
-            if b > a:
-                self._spikes += self._append(t_all[a:b], u_all[a:b], tab)
-            if qb == qa:  # no query in this group: finish it as streaming does
-                self._finish(g)
-                self._group = g + 1
-                continue
-            B, c = qb - qa + 1, self._count  # the group's queries + its finish at g·s
-            if B > tq.size:
-                tq, ph64, phase_b = (
-                    np.zeros(2 * B),
-                    np.zeros((2 * B, self.F)),
-                    self._unit_phase((2 * B,)),
+        per_b: dict[int, tuple] = {}  # B -> outputs and mask templates, made once
+        bound_b = 0
+        tq = np.zeros(8)
+        ar = np.arange(self.capacity)
+        chunk_groups = max(1, 2**14 // max(1, (len(t_all) // max(1, last - first + 1))))
+        for c0 in range(0, last - first + 1, chunk_groups):
+            c1 = min(c0 + chunk_groups, last - first + 1)
+            a0, a1 = sp_edges[c0], sp_edges[c1]
+            tc, uc = t_all[a0:a1], u_all[a0:a1]
+            kc, vc = np.take(tab.k, uc, axis=0), np.take(tab.v, uc, axis=0)  # (m, Hc, Dh)
+            self._rotate(kc, tc)
+            if self.rotate_values:
+                self._rotate(vc, tc)
+            for i in range(c0, c1):
+                g = first + i
+                a, b = sp_edges[i] - a0, sp_edges[i + 1] - a0
+                c = min(b - a, self.capacity)  # as streaming: the first `capacity` spikes
+                self._rejected["overflow"] += b - a - c
+                self._spikes += c
+                qa, qb = q_edges[i], q_edges[i + 1]
+                B = qb - qa + 1  # the group's queries + its finish at g·s
+                if B > tq.size:
+                    tq = np.zeros(2 * B)
+                tq[: B - 1] = q[qa:qb]
+                tq[B - 1] = g * s
+                if B not in per_b:
+                    per_b[B] = self._batch_arrays(B)
+                pred, new, null_rows, dt = per_b[B]
+                if B != bound_b:
+                    batch.bind({}, {"prediction": pred, **new})
+                    bound_b = B
+                seen = np.searchsorted(tc[a : a + c], tq[:B], side="right")  # per query
+                seen[-1] = c
+                visible = ar[:c] < np.repeat(seen, n)[:, None]  # (B·n, c)
+                bias = np.concatenate([null_rows, np.where(visible, f32(0), f32(-np.inf))], 1)
+                feat = np.zeros((B, D + 1), f32)
+                if c:  # the unit-embedding sum of each query's spikes (prefix sums)
+                    cs = np.cumsum(tab.emb[uc[a : a + c]], axis=0, dtype=np.float64)
+                    feat[seen > 0, :D] = cs[seen[seen > 0] - 1]
+                feat[:, D] = (tq[:B] - (g - 1) * s) / s
+                feat[-1, D] = 1.0
+                ph = np.remainder(tq[:B, None], self.periods) / self.periods
+                ph *= 2 * math.pi
+                phase = self._unit_phase((B,))
+                phase[:, : self.F] = np.cos(ph)
+                phase[:, self.half : self.half + self.F] = np.sin(ph)
+                dt[:, :L] = tq[:B, None] - self._cache_time[None, :]
+                batch.run(
+                    {
+                        "spike_k": kc[a : a + c],
+                        "spike_v": vc[a : a + c],
+                        "spike_bias": bias,  # (B·n, B+c): its <null>, its spikes so far
+                        "count_feat": feat,
+                        "phase": phase,
+                        "dt": np.repeat(dt, n, axis=0),  # (B·n, L+B·n)
+                        "dec_dt": dt,
+                    },
+                    self._dirty,
                 )
-            tq[: B - 1] = q[qa:qb]
-            tq[B - 1] = g * s
-            if B not in per_b:
-                per_b[B] = self._batch_arrays(B)
-            pred, new, null_mask, dt = per_b[B]
-            seen = np.searchsorted(t_all[a : a + c], tq[:B], side="right")  # spikes per query
-            seen[-1] = c
-            bias = np.concatenate(
-                [null_mask, np.where(np.arange(c) < seen[:, None], f32(0), f32(-np.inf))], 1
-            )  # (B, B+c): its <null>, the spikes up to its time
-            cs = np.zeros((c + 1, D), f32)
-            np.cumsum(tab.emb[u_all[a : a + c]], axis=0, out=cs[1:])
-            feat = np.empty((B, D + 1), f32)
-            feat[:, :D] = cs[seen]
-            feat[:, D] = (tq[:B] - (g - 1) * s) / s
-            feat[-1, D] = 1.0
-            ph = ph64[:B]
-            np.remainder(tq[:B, None], self.periods, out=ph)
-            ph /= self.periods
-            ph *= 2 * math.pi
-            phase = phase_b[:B]
-            phase[:, : self.F] = np.cos(ph)
-            phase[:, self.half : self.half + self.F] = np.sin(ph)
-            dt[:, :L] = tq[:B, None] - self._cache_time[None, :]
-            batch.bind({}, {"prediction": pred, **new})
-            batch.run(
-                {
-                    "spike_k": self._k[:c],
-                    "spike_v": self._v[:c],
-                    "spike_bias": np.repeat(bias, n, axis=0),  # (B·n, B+c): per row
-                    "count_feat": feat,
-                    "phase": np.ascontiguousarray(phase),
-                    "dt": np.repeat(dt, n, axis=0),
-                    "dec_dt": dt,
-                },
-                self._dirty,
-            )
-            self._dirty.clear()
-            out[qa:qb] = pred[:-1, tab.out_slice] * tab.norm.std + tab.norm.mean
-            self._steps += qb - qa
-            self._write_cache(g, new)
-            self._clear_group()
-            self._group = g + 1
+                self._dirty.clear()
+                out[qa:qb] = pred[:-1, tab.out_slice] * tab.norm.std + tab.norm.mean
+                self._steps += qb - qa
+                self._write_cache(g, new)
+                self._groups_finished += 1
+        self._group, self._count = last + 1, 0
         self._last_step = float(q[-1])
 
     def _batch_arrays(self, B: int) -> tuple:
@@ -866,11 +870,12 @@ class StreamingEngine:
             "new_dk": np.zeros((self.Hc, B * n, self.Dh), f32),
             "new_dv": np.zeros((self.Hc, B * n, self.Dh), f32),
         }
-        null_mask = np.where(np.eye(B, dtype=bool), f32(0), f32(-np.inf))  # its own <null>
+        own = np.repeat(np.eye(B, dtype=bool), n, axis=0)  # (B·n, B): each row's <null>
+        null_rows = np.where(own, f32(0), f32(-np.inf))
         dt = np.full((B, L + B * n), np.inf, f32)  # rows of other queries: never seen
         for j in range(B):
             dt[j, L + j * n : L + (j + 1) * n] = 0.0  # its own rows
-        return pred, new, null_mask, dt
+        return pred, new, null_rows, dt
 
     def _batch_runner(self) -> TorchStepRunner:
         """The batch graph's runner, made on first use (offline decoding only)."""
