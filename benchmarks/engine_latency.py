@@ -1,13 +1,19 @@
 """Per-step decode latency: our streaming engine (causal cached, window) vs full forwards.
 
-Side by side in one run, on the same simulated stream (N units at 20 Hz), the POYO 1.3M
-size (dim 64, depth 6, 16 latents per 125 ms, 1 s context):
-  torch_brain  torch_brain's POYO, eager forward of the 1 s window ending at t (its own
-               tokenize + collate each step; optional extra, skipped if not installed)
+Side by side in one run, on the same simulated stream (N units at 20 Hz, 1 s context),
+for a model size (``--config``; both by default):
+  shipped    the size of models/poyo-mp-small (dim 64, depth 3, 4 latents per 50 ms)
+  poyo-1.3m  torch_brain's POYO 1.3M size (dim 64, depth 6, 16 latents per 125 ms)
+and four implementations of one decode at time t:
+  torch_brain  torch_brain's POYO of the same size, eager forward of the 1 s window ending
+               at t (its own slice + tokenize + collate each step; optional extra,
+               skipped with a message if not installed)
   torch_full   our model's full torch forward of the same window (window mode)
   window       our StreamingEngine, window mode, ONNX Runtime (cached spike keys)
   causal       our StreamingEngine, causal mode, ONNX Runtime (cached latent groups)
-A step's time includes pushing the spikes that arrived since the previous step.
+An engine step's time includes pushing the spikes that arrived since the previous step.
+The implementations run interleaved, in ``--rounds`` rounds over consecutive stretches of
+the stream, so a change in machine load hits them alike. One thread each (``--threads``).
 
     .venv/bin/python benchmarks/engine_latency.py --units 100 --hops 10 --json out/engine.json
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -38,11 +45,17 @@ from bci_decoder.runtime.engine import StreamingEngine  # noqa: E402
 from bci_decoder.tokenizer import collate_window, tokenize_window  # noqa: E402
 from bci_decoder.train.loop import build_decoder  # noqa: E402
 
-CONFIG = POYOConfig(
-    dim=64, depth=6, dim_head=64, cross_heads=2, self_heads=8,
-    latents_per_group=16, latent_step=0.125, context=1.0,
-)  # fmt: skip
+CONFIGS = {
+    "shipped": POYOConfig(
+        **json.loads((ROOT / "models" / "poyo-mp-small" / "meta.json").read_text())["config"]
+    ),
+    "poyo-1.3m": POYOConfig(
+        dim=64, depth=6, dim_head=64, cross_heads=2, self_heads=8,
+        latents_per_group=16, latent_step=0.125, context=1.0,
+    ),
+}  # fmt: skip
 RATE_HZ = 20.0
+IMPLS = ("torch_brain", "torch_full", "window", "causal")
 
 
 def stream(units: int, seconds: float, seed: int = 0) -> Session:
@@ -65,64 +78,153 @@ def pct(x: list[float]) -> dict:
             "p999_ms": float(np.percentile(a, 99.9)), "steps": len(a)}  # fmt: skip
 
 
-def time_engine(engine: StreamingEngine, s: Session, times: np.ndarray) -> list[float]:
-    out, j = [], 0
-    for t in times:
-        t0 = time.perf_counter()
-        k = np.searchsorted(s.spike_times, t, side="right")
-        engine.push(s.spike_times[j:k], s.spike_units[j:k])
-        engine.step(t)
-        out.append((time.perf_counter() - t0) * 1e3)
-        j = k
-    return out
+class EngineTimer:
+    """Steps an engine along the stream, a stretch of times at a time."""
+
+    def __init__(self, engine: StreamingEngine, s: Session) -> None:
+        self.engine, self.s, self.j = engine, s, 0
+
+    def __call__(self, times: np.ndarray) -> list[float]:
+        out, s, eng = [], self.s, self.engine
+        for t in times:
+            t0 = time.perf_counter()
+            k = np.searchsorted(s.spike_times, t, side="right")
+            eng.push(s.spike_times[self.j : k], s.spike_units[self.j : k])
+            eng.step(t)
+            out.append((time.perf_counter() - t0) * 1e3)
+            self.j = k
+        return out
 
 
-@torch.no_grad()
-def time_torch_full(dec, s: Session, times: np.ndarray) -> list[float]:
-    model = dec.model.eval()
-    units = dec.units.session_units(s.session_id, s.unit_ids)[s.spike_units]
-    out = []
-    for t in times:
-        t0 = time.perf_counter()
-        w = tokenize_window(s.spike_times, units, float(t), CONFIG.context, CONFIG.latent_step)
-        model.forward_window(**to_torch(collate_window([w]), WINDOW_KEYS))
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
+class TorchFullTimer:
+    """Our model's full torch forward of the window ending at t (tokenize included)."""
+
+    def __init__(self, dec, s: Session, config: POYOConfig) -> None:
+        self.model, self.s, self.c = dec.model.eval(), s, config
+        self.units = dec.units.session_units(s.session_id, s.unit_ids)[s.spike_units]
+
+    @torch.no_grad()
+    def __call__(self, times: np.ndarray) -> list[float]:
+        out = []
+        for t in times:
+            t0 = time.perf_counter()
+            w = tokenize_window(
+                self.s.spike_times, self.units, float(t), self.c.context, self.c.latent_step
+            )
+            self.model.forward_window(**to_torch(collate_window([w]), WINDOW_KEYS))
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
 
 
-@torch.no_grad()
-def time_torch_brain(s: Session, times: np.ndarray) -> list[float] | str:
-    try:
+class TorchBrainTimer:
+    """torch_brain's POYO of the same size: slice + tokenize + collate + forward."""
+
+    def __init__(self, s: Session, c: POYOConfig) -> None:
         from torch_brain.batching import collate
         from torch_brain.data import ArrayDict, Data, Interval, IrregularTimeSeries
         from torch_brain.models import POYO as RefPOYO
+
+        self.collate, self.c = collate, c
+        self.model = RefPOYO(
+            sequence_length=c.context, latent_step=c.latent_step,
+            num_latents_per_step=c.latents_per_group, dim_out=2, dim=c.dim, depth=c.depth,
+            dim_head=c.dim_head, cross_heads=c.cross_heads, self_heads=c.self_heads,
+        ).eval()  # fmt: skip
+        ids = [f"{s.session_id}/{u}" for u in s.unit_ids]
+        self.model.unit_emb.initialize_vocab(ids)
+        self.model.session_emb.initialize_vocab([s.session_id])
+        domain = Interval(start=np.array([s.domain[0]]), end=np.array([s.domain[1]]))
+        self.data = Data(
+            spikes=IrregularTimeSeries(
+                timestamps=s.spike_times, unit_index=s.spike_units.astype(np.int64),
+                domain=domain,
+            ),
+            units=ArrayDict(id=np.array(ids)), session=Data(id=s.session_id), domain=domain,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def __call__(self, times: np.ndarray) -> list[float]:
+        out = []
+        for t in times:
+            t0 = time.perf_counter()
+            win = self.data.slice(float(t) - self.c.context, float(t))
+            tok = self.model.tokenize(win)
+            tok["output_timestamps"] = torch.tensor([self.c.context], dtype=torch.float32)
+            self.model(**self.collate([tok]))
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+
+def torch_brain_note() -> str | None:
+    try:
+        import torch_brain.models  # noqa: F401
     except ImportError as e:
         return f"torch_brain not installed ({e}); pip install -e '.[reference]'"
-    model = RefPOYO(
-        sequence_length=CONFIG.context, latent_step=CONFIG.latent_step,
-        num_latents_per_step=CONFIG.latents_per_group, dim_out=2, dim=CONFIG.dim,
-        depth=CONFIG.depth, dim_head=CONFIG.dim_head, cross_heads=CONFIG.cross_heads,
-        self_heads=CONFIG.self_heads,
-    ).eval()  # fmt: skip
-    ids = [f"{s.session_id}/{u}" for u in s.unit_ids]
-    model.unit_emb.initialize_vocab(ids)
-    model.session_emb.initialize_vocab([s.session_id])
-    domain = Interval(start=np.array([s.domain[0]]), end=np.array([s.domain[1]]))
-    data = Data(
-        spikes=IrregularTimeSeries(
-            timestamps=s.spike_times, unit_index=s.spike_units.astype(np.int64), domain=domain
-        ),
-        units=ArrayDict(id=np.array(ids)), session=Data(id=s.session_id), domain=domain,
-    )  # fmt: skip
-    out = []
-    for t in times:
-        t0 = time.perf_counter()
-        win = data.slice(float(t) - CONFIG.context, float(t))
-        tok = model.tokenize(win)
-        tok["output_timestamps"] = torch.tensor([CONFIG.context], dtype=torch.float32)
-        batch = collate([tok])
-        model(**batch)
-        out.append((time.perf_counter() - t0) * 1e3)
+    return None
+
+
+def run_case(config_name: str, units: int, hops: list[float], args, notes: list[str]) -> list:
+    c = CONFIGS[config_name]
+    s = stream(units, args.seconds + 3.0)
+    torch.manual_seed(0)
+    dec, _ = build_decoder(TrainConfig(model=c), [s])
+    # buffers with room for 3x the mean rate (a group) and 2x (a window)
+    cap = int(2 ** np.ceil(np.log2(3 * RATE_HZ * units * c.latent_step + 64)))
+    wcap = int(2 ** np.ceil(np.log2(2 * RATE_HZ * units * c.context + 256)))
+    onnx_dir = tempfile.mkdtemp()
+    export_step(dec, onnx_dir, capacity=cap, window_capacity=wcap)  # the daemon's path
+    note = torch_brain_note()
+    if note:
+        notes.append(note)
+    rows = []
+    for hop in hops:
+        times = np.arange(2.0, 2.0 + args.seconds, hop / 1e3) + 1e-4
+        full_times = times[:: max(1, len(times) // args.full_steps)][: args.full_steps]
+        timers = {}
+        for impl in args.impls:
+            if impl == "torch_brain" and note is None:
+                timers[impl] = (TorchBrainTimer(s, c), full_times)
+            elif impl == "torch_full":
+                timers[impl] = (TorchFullTimer(dec, s, c), full_times)
+            elif impl in ("window", "causal"):
+                eng = StreamingEngine(
+                    dec, s.session_id, mode=impl, backend="onnx", onnx_path=onnx_dir,
+                    max_spikes_per_group=cap, max_spikes_per_window=wcap,
+                    intra_op_threads=args.threads,
+                )  # fmt: skip
+                timers[impl] = (EngineTimer(eng, s), times)
+        ms = {impl: [] for impl in timers}
+        for r in range(args.rounds):  # interleaved: each round, every impl, next stretch
+            for impl, (timer, ts) in timers.items():
+                part = np.array_split(ts, args.rounds)[r]
+                ms[impl] += timer(part)
+        for impl in timers:
+            row = {"impl": impl, "units": units, "hop_ms": hop, **pct(ms[impl])}
+            rows.append({**row, "config": config_name})
+            print(
+                f"{config_name:<10}{impl:<12}{units:>6}{hop:>6g}  p50 {row['p50_ms']:8.3f}  "
+                f"p99 {row['p99_ms']:8.3f}  p99.9 {row['p999_ms']:8.3f} ms  ({row['steps']} steps)",
+                flush=True,
+            )
+    return rows
+
+
+def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """torch_brain's p50 (and p99) over each implementation's, per config/units/hop."""
+    out = {}
+    for r in rows:
+        ref = [
+            x
+            for x in rows
+            if x["impl"] == "torch_brain"
+            and (x["config"], x["units"], x["hop_ms"]) == (r["config"], r["units"], r["hop_ms"])
+        ]
+        if ref and r["impl"] != "torch_brain":
+            key = f"{r['config']}/{r['impl']}@{r['units']}u/{r['hop_ms']:g}ms"
+            out[key] = {
+                "p50": ref[0]["p50_ms"] / r["p50_ms"],
+                "p99": ref[0]["p99_ms"] / r["p99_ms"],
+            }
     return out
 
 
@@ -130,67 +232,39 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    ap.add_argument("--config", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     ap.add_argument("--units", type=int, nargs="+", default=[50, 100, 200, 500, 1000])
     ap.add_argument("--hops", type=float, nargs="+", default=[1, 10], help="ms between steps")
+    ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     ap.add_argument(
         "--seconds", type=float, default=6.0, help="stream seconds timed (after 2 s warm-up)"
     )
     ap.add_argument("--full-steps", type=int, default=150, help="steps timed for the full forwards")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows, notes = [], []
-    for n in args.units:
-        s = stream(n, args.seconds + 3.0)
-        torch.manual_seed(0)
-        dec, _ = build_decoder(TrainConfig(model=CONFIG), [s])
-        cap = int(2 ** np.ceil(np.log2(3 * RATE_HZ * n * CONFIG.latent_step + 64)))
-        wcap = int(2 ** np.ceil(np.log2(2 * RATE_HZ * n * CONFIG.context + 256)))
-        tmp = tempfile.mkdtemp()
-        export_step(dec, tmp, capacity=cap, window_capacity=wcap)
-        for hop in args.hops:
-            times = np.arange(2.0, 2.0 + args.seconds, hop / 1e3) + 1e-4
-            full_times = times[:: max(1, len(times) // args.full_steps)][: args.full_steps]
-            for impl in ("torch_brain", "torch_full", "window", "causal"):
-                if impl in ("torch_brain", "torch_full"):
-                    ms = (
-                        time_torch_brain(s, full_times)
-                        if impl == "torch_brain"
-                        else time_torch_full(dec, s, full_times)
-                    )
-                    if isinstance(ms, str):
-                        notes.append(ms)
-                        continue
-                else:
-                    eng = StreamingEngine(
-                        dec, s.session_id, mode=impl, backend="onnx", onnx_path=tmp,
-                        max_spikes_per_group=cap, max_spikes_per_window=wcap,
-                    )  # fmt: skip
-                    ms = time_engine(eng, s, times)
-                rows.append({"impl": impl, "units": n, "hop_ms": hop, **pct(ms)})
-                r = rows[-1]
-                print(
-                    f"{impl:<12}{n:>6}{hop:>6g}  p50 {r['p50_ms']:8.3f}  p99 {r['p99_ms']:8.3f}  p99.9 {r['p999_ms']:8.3f} ms  ({r['steps']} steps)",
-                    flush=True,
-                )
+    load_before = os.getloadavg()
+    for config_name in args.config:
+        for n in args.units:
+            rows += run_case(config_name, n, args.hops, args, notes)
     for note in sorted(set(notes)):
         print(note)
-    ratios = {}
-    for r in rows:
-        ref = [
-            x
-            for x in rows
-            if x["impl"] == "torch_brain"
-            and x["units"] == r["units"]
-            and x["hop_ms"] == r["hop_ms"]
-        ]
-        if ref and r["impl"] != "torch_brain":
-            ratios[f"{r['impl']}@{r['units']}u/{r['hop_ms']:g}ms"] = ref[0]["p50_ms"] / r["p50_ms"]
-    for k, v in ratios.items():
-        print(f"torch_brain p50 / {k} p50 = {v:.1f}x")
-    result = {"rows": rows, "speedup_vs_torch_brain_p50": ratios, "threads": args.threads,
-              "load_average": os.getloadavg()}  # fmt: skip
+    rat = ratios(rows)
+    for k, v in rat.items():
+        print(f"torch_brain / {k}: p50 {v['p50']:.1f}x, p99 {v['p99']:.1f}x")
+    result = {
+        "rows": rows,
+        "speedup_vs_torch_brain": rat,
+        "threads": args.threads,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+    }
+    print(f"load average before {load_before}, after {result['load_average_after']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
