@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pylsl
+from pylsl.util import LostError
 
 from bci_decoder.config import StreamSettings
 from bci_decoder.runtime.ring import SampleRing, SpikeRing
@@ -236,13 +237,23 @@ class InletThread(threading.Thread):
                         self.stats.received += len(ts)
                         self.stats.last_sample_clock = pylsl.local_clock()
                         self._handle(data, np.asarray(ts, np.float64))
-            except pylsl.LostError:
+            except LostError:
                 self.stats.losses += 1
                 self.state = "lost"
                 self.connected.clear()
                 log.warning("%s: stream lost; resolving it again", self.name)
+            except Exception as e:  # noqa: BLE001 - a bad chunk must not end the inlet
+                self.stats.errors.append(f"{type(e).__name__}: {e}"[:300])
+                del self.stats.errors[:-20]
+                self.state = "lost"
+                self.connected.clear()
+                log.exception("%s: reading the stream failed; resolving it again", self.name)
+                time.sleep(0.2)
             finally:
-                inlet.close_stream()
+                try:
+                    inlet.close_stream()
+                except Exception:  # noqa: BLE001
+                    pass
         self.state = "stopped"
 
 
