@@ -138,15 +138,19 @@ def decode_stream(
     mode: str = "causal",
     burn_in: float = 3.0,
     backend: str = "onnx",
+    threads: int = 1,
 ) -> np.ndarray:
     """Normalised predictions (Q, D) at sorted ``query_times`` through the streaming
     engine: the same graphs, unit tables and state as live decoding. Causal mode starts
-    the stream ``burn_in`` seconds before the first query, as ``decode_causal`` does."""
+    the stream ``burn_in`` seconds before the first query, as ``decode_causal`` does.
+    ``threads``: ONNX Runtime intra-op threads (offline, both cores may be used)."""
     from bci_decoder.runtime.engine import StreamingEngine, UnitTables
 
     q = np.asarray(query_times, dtype=np.float64)
     session_tokens(decoder, session)  # the clear error for an unknown session
-    engine = StreamingEngine(decoder, session.session_id, output, mode=mode, backend=backend)
+    engine = StreamingEngine(
+        decoder, session.session_id, output, mode=mode, backend=backend, intra_op_threads=threads
+    )
     # the engine's local unit index is the session's own unit index
     engine.set_units(
         UnitTables.from_decoder(decoder, session.session_id, output, list(session.unit_ids))

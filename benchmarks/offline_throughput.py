@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--units", type=int, default=100, help="units at 20 Hz")
     ap.add_argument("--hop-ms", type=float, default=10.0)
     ap.add_argument("--torch-seconds", type=float, default=60.0, help="slice for the reference")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (engine, torch)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     export_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    z = decode_stream(dec, s, "hand_vel", q)
+    z = decode_stream(dec, s, "hand_vel", q, threads=args.threads)
     engine_s = time.perf_counter() - t0
 
     qs = q[q < q[0] + args.torch_seconds]  # the reference on a slice

@@ -795,68 +795,90 @@ class StreamingEngine:
         batch = self._batch_runner()
         per_b: dict[int, tuple] = {}  # B -> outputs and mask templates, made once
         bound_b = 0
-        tq = np.zeros(8)
         ar = np.arange(self.capacity)
-        chunk_groups = max(1, 2**14 // max(1, (len(t_all) // max(1, last - first + 1))))
-        for c0 in range(0, last - first + 1, chunk_groups):
-            c1 = min(c0 + chunk_groups, last - first + 1)
+        ngroups = last - first + 1
+        chunk_groups = max(1, 2**14 // max(1, len(t_all) // ngroups))
+        for c0 in range(0, ngroups, chunk_groups):
+            c1 = min(c0 + chunk_groups, ngroups)
             a0, a1 = sp_edges[c0], sp_edges[c1]
             tc, uc = t_all[a0:a1], u_all[a0:a1]
             kc, vc = np.take(tab.k, uc, axis=0), np.take(tab.v, uc, axis=0)  # (m, Hc, Dh)
             self._rotate(kc, tc)
             if self.rotate_values:
                 self._rotate(vc, tc)
-            for i in range(c0, c1):
-                g = first + i
-                a, b = sp_edges[i] - a0, sp_edges[i + 1] - a0
-                c = min(b - a, self.capacity)  # as streaming: the first `capacity` spikes
-                self._rejected["overflow"] += b - a - c
-                self._spikes += c
-                qa, qb = q_edges[i], q_edges[i + 1]
-                B = qb - qa + 1  # the group's queries + its finish at g·s
-                if B > tq.size:
-                    tq = np.zeros(2 * B)
-                tq[: B - 1] = q[qa:qb]
-                tq[B - 1] = g * s
+            # every row of the chunk's batches at once: each group's queries, then its
+            # finish at the group's end time (float64 times, phases and counts)
+            g = np.arange(first + c0, first + c1)
+            nq = np.diff(q_edges[c0 : c1 + 1])  # queries per group
+            rows = np.repeat(np.arange(c1 - c0), nq + 1)  # row -> group (chunk-relative)
+            is_q = np.ones(rows.size, bool)
+            ends = np.cumsum(nq + 1) - 1  # each group's finish row
+            is_q[ends] = False
+            tq = np.empty(rows.size)
+            tq[is_q] = q[q_edges[c0] : q_edges[c1]]
+            tq[ends] = g * s
+            ga = np.asarray(sp_edges[c0 : c1 + 1]) - a0  # each group's first spike
+            cnt = np.minimum(np.diff(ga), self.capacity)  # as streaming: first `capacity`
+            self._rejected["overflow"] += int((np.diff(ga) - cnt).sum())
+            self._spikes += int(cnt.sum())
+            seen = np.minimum(np.searchsorted(tc, tq, side="right") - ga[rows], cnt[rows])
+            seen[ends] = cnt
+            # unit-embedding sum of each row's spikes: float64 segment sums between the
+            # sorted points (group start, then each row's end), summed within the group
+            points = np.empty(rows.size + (c1 - c0), np.int64)
+            starts = np.arange(c1 - c0) + np.concatenate([[0], ends[:-1] + 1])
+            points[starts] = ga[:-1]
+            mask = np.ones(points.size, bool)
+            mask[starts] = False
+            points[mask] = ga[rows] + seen
+            emb = np.zeros((uc.size + 1, D))
+            emb[:-1] = tab.emb[uc]
+            seg = np.add.reduceat(emb, points[:-1], axis=0)
+            seg[points[:-1] == points[1:]] = 0.0  # empty segments (reduceat gives a row)
+            prefix = np.zeros((points.size, D))
+            np.cumsum(seg, axis=0, out=prefix[1:])
+            feat = np.empty((rows.size, D + 1), f32)
+            feat[:, :D] = prefix[mask] - prefix[starts][rows]
+            feat[:, D] = (tq - (g[rows] - 1) * s) / s
+            feat[ends, D] = 1.0
+            ph = np.remainder(tq[:, None], self.periods) / self.periods
+            ph *= 2 * math.pi
+            phase = self._unit_phase((rows.size,))
+            phase[:, : self.F] = np.cos(ph)
+            phase[:, self.half : self.half + self.F] = np.sin(ph)
+            seen_rows = np.repeat(seen, n)
+            r0 = 0
+            for i in range(c1 - c0):
+                B, a, c = int(nq[i]) + 1, int(ga[i]), int(cnt[i])
+                r1 = r0 + B
                 if B not in per_b:
                     per_b[B] = self._batch_arrays(B)
                 pred, new, null_rows, dt = per_b[B]
                 if B != bound_b:
                     batch.bind({}, {"prediction": pred, **new})
                     bound_b = B
-                seen = np.searchsorted(tc[a : a + c], tq[:B], side="right")  # per query
-                seen[-1] = c
-                visible = ar[:c] < np.repeat(seen, n)[:, None]  # (B·n, c)
-                bias = np.concatenate([null_rows, np.where(visible, f32(0), f32(-np.inf))], 1)
-                feat = np.zeros((B, D + 1), f32)
-                if c:  # the unit-embedding sum of each query's spikes (prefix sums)
-                    cs = np.cumsum(tab.emb[uc[a : a + c]], axis=0, dtype=np.float64)
-                    feat[seen > 0, :D] = cs[seen[seen > 0] - 1]
-                feat[:, D] = (tq[:B] - (g - 1) * s) / s
-                feat[-1, D] = 1.0
-                ph = np.remainder(tq[:B, None], self.periods) / self.periods
-                ph *= 2 * math.pi
-                phase = self._unit_phase((B,))
-                phase[:, : self.F] = np.cos(ph)
-                phase[:, self.half : self.half + self.F] = np.sin(ph)
-                dt[:, :L] = tq[:B, None] - self._cache_time[None, :]
-                batch.run(
-                    {
-                        "spike_k": kc[a : a + c],
-                        "spike_v": vc[a : a + c],
-                        "spike_bias": bias,  # (B·n, B+c): its <null>, its spikes so far
-                        "count_feat": feat,
-                        "phase": phase,
-                        "dt": np.repeat(dt, n, axis=0),  # (B·n, L+B·n)
-                        "dec_dt": dt,
-                    },
-                    self._dirty,
-                )
+                visible = ar[:c] < seen_rows[r0 * n : r1 * n, None]  # (B·n, c)
+                dt[:, :L] = tq[r0:r1, None] - self._cache_time[None, :]
+                feeds = {
+                    "spike_k": kc[a : a + c],
+                    "spike_v": vc[a : a + c],
+                    # (B·n, B+c): each row sees its <null> and its query's spikes so far
+                    "spike_bias": np.concatenate(
+                        [null_rows, np.where(visible, f32(0), f32(-np.inf))], 1
+                    ),
+                    "count_feat": feat[r0:r1],
+                    "phase": phase[r0:r1],
+                    "dt": np.repeat(dt, n, axis=0),  # (B·n, L+B·n)
+                    "dec_dt": dt,
+                }
+                batch.run(feeds, self._dirty)
                 self._dirty.clear()
-                out[qa:qb] = pred[:-1, tab.out_slice] * tab.norm.std + tab.norm.mean
-                self._steps += qb - qa
-                self._write_cache(g, new)
+                qa = q_edges[c0 + i]
+                out[qa : qa + B - 1] = pred[:-1, tab.out_slice] * tab.norm.std + tab.norm.mean
+                self._steps += B - 1
+                self._write_cache(int(g[i]), new)
                 self._groups_finished += 1
+                r0 = r1
         self._group, self._count = last + 1, 0
         self._last_step = float(q[-1])
 
