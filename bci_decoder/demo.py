@@ -98,7 +98,7 @@ def run_demo(
         )
         wait_http(url + "/health", 120, lambda: procs.check("serve"))
         http.post("/decoder/start", headers=auth).raise_for_status()
-        total = calibrate_after + 90.0 + after
+        total = calibrate_after + 180.0 + after  # room for a slow calibration; stopped early
         if data is None:
             replay_args = ["--simulate", "--seed", "7", "--index", "3"]
             if sim_units:
@@ -112,7 +112,7 @@ def run_demo(
         procs.python("client", ["-m", "bci_decoder.runtime.client",
                                 "--stream", f"decoded=Control:{control_id}",
                                 "--stream", f"behavior=Behavior:{spikes_id}-behavior",
-                                "--seconds", str(total + 30), "--out", str(out / "client.npz")])  # fmt: skip
+                                "--seconds", str(total + 60), "--out", str(out / "client.npz")])  # fmt: skip
         print(f"[demo] replaying {what}; the client records the decoded stream")
         st = _wait_running(http, procs, 60)
         t_running = lsl_clock()
@@ -132,9 +132,11 @@ def run_demo(
             time.sleep(1.0)
             procs.check("serve")
             job = http.get(f"/calibrations/{job['id']}").json()
-            print(f"\r[demo]   {job['phase'] or 'starting'}: {100 * job['progress']:.0f}% "
-                  f"loss {job['loss'] or float('nan'):.3f}   ", end="", flush=True)  # fmt: skip
-        print()
+            if sys.stdout.isatty():
+                print(f"\r[demo]   {job['phase'] or 'starting'}: {100 * job['progress']:.0f}% "
+                      f"loss {job['loss'] or float('nan'):.3f}   ", end="", flush=True)  # fmt: skip
+        if sys.stdout.isatty():
+            print()
         if job["state"] != "done":
             raise RuntimeError(f"calibration {job['state']}: {job['error']}")
         during = http.get("/status").json()
@@ -146,7 +148,7 @@ def run_demo(
         final = http.get("/status").json()
         http.post("/decoder/stop", headers=auth)
         procs.stop("replay")
-        procs.wait("client", total + 60)
+        procs.stop("client", grace=10.0)  # SIGTERM: it saves what it recorded
     finally:
         http.close()
         procs.stop_all()

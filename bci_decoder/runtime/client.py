@@ -9,9 +9,10 @@ Run as its own process by the demo and the benchmarks:
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import sys
-import time
+import threading
 
 import numpy as np
 import pylsl
@@ -60,12 +61,24 @@ class StreamRecorder:
 def record(
     queries: dict[str, StreamSettings], seconds: float, out: str, timeout: float = 30.0
 ) -> None:
-    """Record several streams for ``seconds``; arrays saved as ``<key>_timestamps`` etc."""
+    """Record several streams for ``seconds`` (or until SIGTERM), one thread each so a
+    blocking pull on one never delays the other's arrival times; arrays are saved as
+    ``<key>_timestamps``, ``<key>_values``, ``<key>_arrival``."""
     recs = {k: StreamRecorder(q, timeout) for k, q in queries.items()}
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        for rec in recs.values():
-            rec.pull(timeout=0.002 if len(recs) > 1 else 0.05)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def pull(rec: StreamRecorder) -> None:
+        while not stop.is_set():
+            rec.pull(timeout=0.1)
+
+    threads = [threading.Thread(target=pull, args=(r,), daemon=True) for r in recs.values()]
+    for th in threads:
+        th.start()
+    stop.wait(seconds)
+    stop.set()
+    for th in threads:
+        th.join(timeout=2.0)
     arrays = {}
     for k, rec in recs.items():
         t, x, a = rec.arrays()

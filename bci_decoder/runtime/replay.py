@@ -87,7 +87,11 @@ class Replayer(threading.Thread):
             info.desc().append_child_value("session", session.session_id)
         else:
             info = spike_stream_info(name, sid, list(session.unit_ids), session.session_id)
-        self.spike_outlet = pylsl.StreamOutlet(info, chunk_size=1, max_buffered=60)
+        # max_buffered counts hundreds of samples for an irregular stream: 1,000 holds
+        # 100,000 spikes (25 s of 200 units at 20 Hz) for a receiver that falls behind
+        self.spike_outlet = pylsl.StreamOutlet(
+            info, chunk_size=1, max_buffered=60 if counts_bin_s else 1000
+        )
         self.output = output or session.default_output()
         self.behavior_outlet = None
         if behavior and self.output in session.behavior:
