@@ -1,24 +1,27 @@
 """The graphs the streaming engine runs (in torch, or exported to ONNX): one decode step.
 
-Both graphs take pre-rotated keys and values and compute only what changed. They are
-written op by op for a small ONNX graph (ONNX Runtime costs about 0.5 µs per node on
-this CPU, more than the arithmetic of a 4-latent step), and take the model's weights
-folded at construction: per-head projection tensors (H, D, Dh) so heads come out
-head-major without transposes, the attention scale folded into W_q, one matrix for the
-count path.
+Both take pre-rotated spike keys/values and compute only what changed. They are written
+op by op for a small ONNX graph (ONNX Runtime costs about 1 µs per node on this CPU, as
+much as the arithmetic of a small node in a 4-latent step): weights are folded at
+construction (2D projections, the attention scale in W_q, one matrix for the count
+path, the heads' weights concatenated), every shape is a Python constant or -1 (a shape
+read from a tensor exports as Shape/Gather/Concat nodes), and in the self-attention
+blocks q, k, v and the swapped q, k come out of one GEMM with the layer norms' affine
+maps folded in, so rotating q and k is one product with per-step coefficients and a sum
+(``_SelfAttn``; twice the projection arithmetic, a third of the nodes).
 
-Rotations. Every rotation inside a step is at one time (the step's time t, or a latent
+Rotations. Every rotation of a query is at one time (the step's time t, or a latent
 group's time), so it is one Dh x Dh matrix ``R``: ``x @ R`` rotates rows x (..., Dh)
 exactly like ``rotate`` (pairs (x[i], x[i + Dh/2]) by the phases of t). ``R`` is built in
 the graph from ``phase`` = [cos | sin] (Dh/2 each, float64-exact phases computed by the
 caller) with one product against a constant 0/±1 basis, so no entry is rounded.
 
-``CausalKVStep`` (causal mode): the partial group at t (its spikes so far, latent time
-t), attending to a per-layer key/value cache of finished groups: keys rotated at their
-group's time and values, exactly what ``POYO.forward_causal`` computes from the cached
-states, but projected once when the group finishes instead of at every step.
-``WindowKVStep`` (window mode): latents at t - W + k·s recomputed from the cached,
-pre-rotated spike keys of the window.
+``CausalKVStep`` (causal mode): B partial groups (B queries of the current group, as
+rows; B = 1 when streaming) attend to a per-layer key/value cache of finished groups:
+keys rotated at their group's time and values, exactly what ``POYO.forward_causal``
+computes from the cached states, but projected once, when the group finishes, instead
+of at every step. ``WindowKVStep`` (window mode): latents at t - W + k·s recomputed from
+the cached, pre-rotated spike keys of the window.
 
 Everything that needs float64 (phases, time differences) is computed by the caller, so
 the graphs are float32 only.

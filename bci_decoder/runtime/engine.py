@@ -23,8 +23,15 @@ loop). ``set_units`` may be called from any thread: it stores a reference to an
 immutable ``UnitTables``, which the next ``push`` / ``step`` picks up; spikes already
 pushed keep the keys they were given.
 
-Backends run the same step modules: ``onnx`` (ONNX Runtime, IO binding; see
-``onnx_runner`` for the CUDA path) or ``torch`` (the eager reference).
+Backends run the same step modules: ``onnx`` (ONNX Runtime, every array bound once by
+pointer) or ``torch`` (the eager reference). On a GPU (``onnx_runner.choose_providers``
+picks CUDA when a device is present) the same engine keeps device copies of its arrays
+and uploads what changed before each run; ``cuda_graph=True`` keeps the causal graphs'
+shapes fixed (the group buffer at full capacity, unused rows masked by ``spike_bias``) so
+ONNX Runtime replays each step as one captured CUDA graph. See ``onnx_runner``.
+
+Measured (2-core EPYC VM, one thread): benchmarks/results/engine_latency_*.json and
+offline_throughput_1h.json.
 """
 
 from __future__ import annotations
@@ -287,7 +294,11 @@ class StreamingEngine:
             else:
                 graphs = graphs_for(decoder, max_spikes_per_group, max_spikes_per_window)
             self._make_runner = lambda name: OnnxStepRunner(
-                graphs[name], intra_op_threads, providers, cuda_graph and name != "window_step"
+                graphs[name],
+                intra_op_threads,
+                providers,
+                # fixed shapes only in the streaming causal graphs
+                cuda_graph and name in ("causal_step", "causal_finish"),
             )
         self._runners = {name: self._make_runner(name) for name in names}
         self.runner = self._runners[names[0]]  # the per-step runner (providers, session)

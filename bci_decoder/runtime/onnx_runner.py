@@ -119,6 +119,10 @@ class OnnxStepRunner:
             return
         import onnxruntime as ort
 
+        old = self._device.get(name)
+        if old is not None and list(old.shape()) == list(arr.shape):
+            old.update_inplace(arr)  # same device buffer: a captured CUDA graph stays valid
+            return
         ov = ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0)
         self._device[name] = ov
         self.binding.bind_ortvalue_input(name, ov)
