@@ -181,7 +181,8 @@ def export(
     from bci_decoder.export.onnx_export import export_step
 
     path = export_step(_load_decoder(model), out, capacity, window_capacity)
-    typer.echo(f"wrote {path}/causal_step.onnx and {path}/window_step.onnx")
+    graphs = ", ".join(sorted(p.name for p in Path(path).glob("*.onnx")))
+    typer.echo(f"wrote {graphs} and export.json to {path}")
 
 
 @app.command()

@@ -13,6 +13,7 @@ States: ``idle`` (not started), ``waiting-for-stream`` (started, no spike stream
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import sys
 import threading
@@ -114,11 +115,16 @@ class Daemon:
 
         A calibration changes only unit and session embeddings, which stay outside the
         graphs, so every calibration of a model shares its base model's export."""
+        from bci_decoder.export.onnx_export import FORMAT, export_step
+
         digest = hashlib.sha1((base / "model.safetensors").read_bytes()).hexdigest()[:12]
         out = self.state_dir / "onnx" / f"{base.name}-{digest}"
-        if not (out / "export.json").exists():
-            from bci_decoder.export.onnx_export import export_step
-
+        meta = out / "export.json"
+        try:
+            current = json.loads(meta.read_text()).get("format") == FORMAT
+        except (OSError, ValueError):
+            current = False  # missing or corrupt: export again
+        if not current:
             log.info("exporting %s to %s", base, out)
             export_step(Decoder.load(base), out)
         return out
@@ -420,8 +426,16 @@ class Daemon:
             "ring_overflow": ls.ring_lost if ls else 0,
             "behavior_nan": binlet.stats.nan_time if binlet else 0,
         }
+        engine = None
+        if loop is not None:
+            try:
+                es = loop.active.engine.stats()
+                engine = {k: v for k, v in vars(es).items() if isinstance(v, int | float | dict)}
+            except Exception:  # noqa: BLE001 - status must answer whatever the engine does
+                engine = None
         return {
             "state": self.state,
+            "engine": engine,  # the engine's own counts (rejected spikes by reason, ...)
             "model": self.describe_model(),
             "mode": self.cfg.mode,
             "backend": self.cfg.backend,
