@@ -27,15 +27,7 @@ import yaml
 
 from bci_decoder.metrics import r2_score
 from bci_decoder.runtime.decode_loop import lsl_clock
-from bci_decoder.runtime.processes import ProcessGroup, wait_http
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bci_decoder.runtime.processes import ProcessGroup, free_port, wait_http
 
 
 def align(
@@ -76,7 +68,7 @@ def run_demo(
     t_start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
-    port, token = _free_port(), secrets.token_urlsafe(16)
+    port, token = free_port(), secrets.token_urlsafe(16)
     spikes_id, control_id = f"demo-{tag}", f"demo-{tag}-control"
     cfg = {
         "model": model, "models_dir": str(models_dir), "cadence_hz": cadence_hz,

@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
 from bci_decoder.calibrate import add_session  # noqa: E402
 from bci_decoder.data.nwb import write_nwb  # noqa: E402
 from bci_decoder.data.session import Behavior, Session  # noqa: E402
-from bci_decoder.runtime.processes import ProcessGroup, wait_http  # noqa: E402
+from bci_decoder.runtime.processes import ProcessGroup, free_port, wait_http  # noqa: E402
 from bci_decoder.train.checkpoint import Decoder, Normalizer  # noqa: E402
 
 RATE_HZ = 20.0
@@ -145,14 +145,6 @@ def run(units: int, cadence: float, seconds: float, model: str, work: Path) -> d
         "outputs_received": int(keep_d.sum()),
         "echo_received": int(keep_e.sum()),
     }
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def table(r: dict) -> str:

@@ -34,16 +34,8 @@ from bci_decoder.data.nwb import read_nwb  # noqa: E402
 from bci_decoder.decode import decode_session  # noqa: E402
 from bci_decoder.demo import align  # noqa: E402
 from bci_decoder.metrics import r2_score  # noqa: E402
-from bci_decoder.runtime.processes import ProcessGroup, wait_http  # noqa: E402
+from bci_decoder.runtime.processes import ProcessGroup, free_port, wait_http  # noqa: E402
 from bci_decoder.train.checkpoint import Decoder  # noqa: E402
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(

@@ -6,7 +6,6 @@ developer's) streams.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import uuid
@@ -18,15 +17,10 @@ import uvicorn
 from bci_decoder.api.app import create_app
 from bci_decoder.config import ServeConfig, StreamSettings
 from bci_decoder.runtime.daemon import Daemon
+from bci_decoder.runtime.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_config(state_dir: Path, models_dir: Path | None = None, **kw) -> ServeConfig:

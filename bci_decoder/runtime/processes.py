@@ -62,6 +62,15 @@ class ProcessGroup:
             self.stop(name)
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (for a server started right after)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_http(url: str, timeout: float, proc_check=None) -> None:
     """Poll ``url`` until it answers 200 (raising if ``proc_check`` raises)."""
     import httpx
