@@ -37,25 +37,9 @@ if str(ROOT) not in sys.path:
 
 from bci_decoder.calibrate import add_session  # noqa: E402
 from bci_decoder.data.nwb import write_nwb  # noqa: E402
-from bci_decoder.data.session import Behavior, Session  # noqa: E402
 from bci_decoder.runtime.processes import ProcessGroup, free_port, wait_http  # noqa: E402
 from bci_decoder.train.checkpoint import Decoder, Normalizer  # noqa: E402
-
-RATE_HZ = 20.0
-
-
-def poisson_session(units: int, seconds: float, seed: int = 0) -> Session:
-    rng = np.random.default_rng(seed)
-    n = rng.poisson(RATE_HZ * seconds * units)
-    t = np.sort(rng.uniform(0, seconds, n))
-    ts = np.arange(0.0, seconds, 0.01)
-    return Session(
-        session_id=f"bench{units}", subject="bench", spike_times=t,
-        spike_units=rng.integers(0, units, n).astype(np.int32),
-        unit_ids=[f"u{i}" for i in range(units)], brain_areas=["M1"] * units,
-        behavior={"hand_vel": Behavior("hand_vel", ts, rng.normal(size=(len(ts), 2)))},
-        domain=(0.0, seconds),
-    )  # fmt: skip
+from benchmarks.engine_latency import stream as poisson_session  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:

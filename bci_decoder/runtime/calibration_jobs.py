@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bci_decoder.data.session import Session
+from bci_decoder.runtime.daemon import DaemonError
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +172,6 @@ class CalibrationManager:
         with self._lock:
             busy = self.running()
             if busy is not None:
-                from bci_decoder.runtime.daemon import DaemonError
-
                 raise DaemonError(
                     f"calibration {busy.id} is still {busy.state}; wait for it or DELETE it", 409
                 )
@@ -232,8 +231,6 @@ class CalibrationManager:
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
-            from bci_decoder.runtime.daemon import DaemonError
-
             raise DaemonError(f"no calibration job {job_id!r}", 404)
         return job
 
@@ -249,8 +246,6 @@ class CalibrationManager:
     def apply(self, job_id: str) -> Job:
         job = self.get(job_id)
         if job.state != "done":
-            from bci_decoder.runtime.daemon import DaemonError
-
             raise DaemonError(f"calibration {job_id} is {job.state}; only a done one applies", 409)
         self._apply(job)
         job.applied = True

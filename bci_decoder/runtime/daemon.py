@@ -250,7 +250,7 @@ class Daemon:
         inlet = self.spike_inlet
         if inlet is None or inlet.state != "connected":
             return True
-        return not (lsl_clock() - inlet.stats.last_sample_clock <= self.cfg.stall_after_s)
+        return not (now - inlet.stats.last_sample_clock <= self.cfg.stall_after_s)
 
     def _supervise(self) -> None:
         """Build the engine when the spike stream (re)connects; start the loop once."""
