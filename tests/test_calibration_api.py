@@ -118,8 +118,9 @@ def test_bad_calibration_requests(new_session, models_dir, state_dir, tmp_path):
         r = srv.post("/calibrations", json={"source": "buffer", "seconds": 10})
         assert r.status_code == 409 and "idle" in r.json()["detail"]
         srv.post("/decoder/start")
+        # no behaviour stream: nothing would consume it, and the replay would wait for it
         rep = Replayer(new_session, start=100.0, stop=130.0, source_id=cfg.spikes.source_id,
-                       wait_for_consumer_s=10)  # fmt: skip
+                       behavior=False, wait_for_consumer_s=10)  # fmt: skip
         rep.start()
         srv.wait_state("running")
         time.sleep(1.0)

@@ -115,7 +115,7 @@ class DecodeLoop(threading.Thread):
         self.stats = LoopStats()
         self.step_ms = LatencyLog()  # engine work per step (read + push + step)
         self.output_ms = LatencyLog()  # from the deadline to the output leaving
-        self.stalled = False
+        self.stalled = True  # nothing received yet: the first step decides
         self._stop_event = threading.Event()
         self._pending: ActiveEngine | None = None
         self._swapped = threading.Event()
@@ -198,6 +198,9 @@ class DecodeLoop(threading.Thread):
         times, units = times[:n_now], units[:n_now]
         stalled = self.is_stalled(t)
         try:
+            if self.stalled and not stalled and st.spikes_in:
+                act.engine.reset()  # the stream is back: start from its present
+            self.stalled = stalled
             if len(times):
                 mapped = np.full(len(units), -1, np.int64)
                 inside = (units >= 0) & (units < len(act.unit_map))
@@ -210,9 +213,6 @@ class DecodeLoop(threading.Thread):
                     times, mapped = times[~unknown], mapped[~unknown]
                 act.engine.push(times, mapped)
                 st.spikes_in += len(times)
-            if self.stalled and not stalled:
-                act.engine.reset()  # the stream is back: start from its present
-            self.stalled = stalled
             y = act.engine.step(t)
             if stalled:
                 raise _Stalled
