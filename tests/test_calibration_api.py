@@ -184,3 +184,45 @@ def test_bad_calibration_requests(new_session, models_dir, state_dir, tmp_path):
         assert st["model"]["calibration"] is None and st["errors"] == 0
         assert not (models_dir / "poyo-mp-small" / "calibrations" / "cal-up").exists()
         rep.stop()
+
+
+def test_upload_matches_offline_fit(new_session, models_dir, state_dir, tmp_path):
+    """An NWB upload calibrated by the daemon stores what the offline fit gives on the
+    same data: the same embeddings and the same R² on later data (issue: within 0.01)."""
+    import torch
+
+    from bci_decoder.calibrate import CalibrationSettings, fit_units, score_span
+    from bci_decoder.data.nwb import read_nwb
+    from bci_decoder.train.checkpoint import Decoder
+
+    nwb = write_nwb(new_session.slice(0.0, 25.0), tmp_path / "block.nwb")
+    body = {"source": "upload", "seconds": 25, "session": "upload-eq", "name": "cal-eq",
+            "steps": 60, "holdout": 0.0, "nwb_base64": base64.b64encode(nwb.read_bytes()).decode()}  # fmt: skip
+    cfg = serve_config(state_dir, models_dir, cadence_hz=100)
+    with LiveServer(cfg) as srv:  # idle: an upload needs no stream
+        r = srv.post("/calibrations", json=body)
+        assert r.status_code == 202, r.text
+        job = _wait_job(srv, r.json()["id"])
+        assert job["state"] == "done", job
+    base = models_dir / "poyo-mp-small"
+    stored = Decoder.load(base / "calibrations" / "cal-eq")
+
+    block = read_nwb(nwb)  # what the daemon read from the upload
+    block.session_id = "upload-eq"
+    threads = torch.get_num_threads()
+    try:
+        offline = fit_units(Decoder.load(base), block, "hand_vel", block.domain,
+                            CalibrationSettings(steps=60, threads=1))  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    n_new = new_session.num_units
+    a = stored.model.unit_emb.weight[-n_new:].detach()
+    b = offline.model.unit_emb.weight[-n_new:].detach()
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    later = new_session.slice(0.0, 90.0)
+    later.session_id = "upload-eq"
+    r_rest = score_span(stored, later, "hand_vel", (60.0, 90.0))
+    r_off = score_span(offline, later, "hand_vel", (60.0, 90.0))
+    print(f"R² on 60-90 s: REST {r_rest:.4f}, offline {r_off:.4f}")
+    assert abs(r_rest - r_off) <= 0.01
+    assert r_rest > 0.3  # it learned the new units (uncalibrated: about 0)
