@@ -168,6 +168,8 @@ def run_demo(
         "output_latency_during_calibration_ms": _pct(lat[during_m]),
         "steps": final["steps"],
         "missed_deadlines": final["missed_deadlines"],
+        "missed_before_calibration": before["missed_deadlines"] - st["missed_deadlines"],
+        "steps_before_calibration": before["steps"] - st["steps"],
         "missed_during_calibration": during["missed_deadlines"] - before["missed_deadlines"],
         "steps_during_calibration": during["steps"] - before["steps"],
         "dropped": final["dropped"],
