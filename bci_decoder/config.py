@@ -131,10 +131,11 @@ class ServeConfig(BaseModel):
     safe_output: Literal["hold", "zero"] = "hold"  # what is sent while the stream is stalled
     stall_after_s: float = Field(0.5, gt=0)  # no spike for this long: stalled
     spin_us: float = Field(150.0, ge=0)  # busy-wait before each deadline (sleep jitter)
+    # freeze the start-up heap out of the cyclic GC (runtime/gc_pauses.py): a full
+    # collection of it holds the GIL ~150 ms; off only to measure what that costs
+    gc_freeze: bool = True
     spikes: StreamSettings = Field(default_factory=lambda: StreamSettings(type="Spikes"))
-    behavior: StreamSettings | None = Field(
-        default_factory=lambda: StreamSettings(type="Behavior")
-    )
+    behavior: StreamSettings | None = Field(default_factory=lambda: StreamSettings(type="Behavior"))
     control_name: str = "bci_decoder"
     control_source_id: str = "bci_decoder-control"
     ring_spikes: int = Field(4_000_000, ge=1000)  # spike ring capacity

@@ -54,7 +54,9 @@ def pct(x: np.ndarray) -> dict[str, float | None]:
     return {"p50": float(p[0]), "p99": float(p[1]), "p999": float(p[2])}
 
 
-def run(units: int, cadence: float, seconds: float, model: str, work: Path) -> dict:
+def run(
+    units: int, cadence: float, seconds: float, model: str, work: Path, compare_gc: bool = False
+) -> dict:
     tag = uuid.uuid4().hex[:8]
     session = poisson_session(units, seconds + 5.0)
     models = work / "models"
@@ -74,17 +76,29 @@ def run(units: int, cadence: float, seconds: float, model: str, work: Path) -> d
         "api": {"host": "127.0.0.1", "port": port, "token": token},
     }  # fmt: skip
     (work / "serve.yaml").write_text(yaml.safe_dump(cfg))
+    # --compare-gc: a second daemon on the same stream with the GC freeze off (the
+    # behaviour before runtime/gc_pauses.py), side by side in the same run
+    nf_port, nf_id = free_port(), f"e2e-{tag}-nofreeze"
+    nf_cfg = cfg | {"gc_freeze": False, "control_source_id": nf_id,
+                    "api": cfg["api"] | {"port": nf_port}}  # fmt: skip
+    (work / "serve-nofreeze.yaml").write_text(yaml.safe_dump(nf_cfg))
     procs = ProcessGroup(work / "logs")
     url = f"http://127.0.0.1:{port}"
+    nf_url = f"http://127.0.0.1:{nf_port}"
     try:
         serve = procs.python("serve", ["-m", "bci_decoder.cli", "serve", "--config",
                                        str(work / "serve.yaml")])  # fmt: skip
+        if compare_gc:
+            procs.python("serve-nofreeze", ["-m", "bci_decoder.cli", "serve", "--config",
+                                            str(work / "serve-nofreeze.yaml")])  # fmt: skip
+            wait_http(nf_url + "/health", 180, lambda: procs.check("serve-nofreeze"))
         procs.python("echo", ["-m", "bci_decoder.runtime.echo", "--spikes-source-id", spikes_id,
                               "--source-id", echo_id, "--cadence", str(cadence)])  # fmt: skip
         wait_http(url + "/health", 180, lambda: procs.check("serve"))
+        extra = ["--stream", f"nofreeze=Control:{nf_id}"] if compare_gc else []
         procs.python("client", ["-m", "bci_decoder.runtime.client",
                                 "--stream", f"decoded=Control:{control_id}",
-                                "--stream", f"echo=Control:{echo_id}",
+                                "--stream", f"echo=Control:{echo_id}", *extra,
                                 "--seconds", str(seconds + 25), "--out", str(work / "client.npz")])  # fmt: skip
         procs.python("replay", ["-m", "bci_decoder.cli", "replay", str(nwb), "--seconds",
                                 str(seconds), "--source-id", spikes_id, "--log",
@@ -96,12 +110,20 @@ def run(units: int, cadence: float, seconds: float, model: str, work: Path) -> d
             if time.monotonic() > deadline:
                 raise TimeoutError("the daemon did not start decoding")
             time.sleep(0.1)
+        if compare_gc:
+            while httpx.get(nf_url + "/status").json()["state"] != "running":
+                procs.check("serve-nofreeze")
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the second daemon did not start decoding")
+                time.sleep(0.1)
         st0 = httpx.get(url + "/status").json()
+        nf0 = httpx.get(nf_url + "/status").json() if compare_gc else None
         cpu0, wall0 = cpu_seconds(serve.pid), time.monotonic()
         print(f"decoding {units} units at {cadence:g} Hz for {seconds:g} s ...", flush=True)
         procs.wait("replay", seconds + 60)
         cpu1, wall1 = cpu_seconds(serve.pid), time.monotonic()
         st1 = httpx.get(url + "/status").json()
+        nf1 = httpx.get(nf_url + "/status").json() if compare_gc else None
         procs.wait("client", seconds + 60)
     finally:
         procs.stop_all()
@@ -114,7 +136,7 @@ def run(units: int, cadence: float, seconds: float, model: str, work: Path) -> d
     st, pc = log["spike_time"], log["push_clock"]
     j = np.minimum(np.searchsorted(st, td, "right"), np.searchsorted(pc, td, "right")) - 1
     ok = keep_d & (j >= 0)
-    return {
+    out = {
         "cadence_hz": cadence,
         "units": units,
         "seconds": seconds,
@@ -128,7 +150,18 @@ def run(units: int, cadence: float, seconds: float, model: str, work: Path) -> d
         "step_ms": st1["latency"]["step_ms"],
         "outputs_received": int(keep_d.sum()),
         "echo_received": int(keep_e.sum()),
+        "gc": st1["gc"],
     }
+    if compare_gc:
+        tn, an = rec["nofreeze_timestamps"], rec["nofreeze_arrival"]
+        keep_n = (tn > lo + 1.0) & (tn < hi)
+        out["no_gc_freeze"] = {
+            "steps": nf1["steps"] - nf0["steps"],
+            "missed": nf1["missed_deadlines"] - nf0["missed_deadlines"],
+            "output_latency_ms": pct((an - tn)[keep_n] * 1e3),
+            "gc": nf1["gc"],
+        }
+    return out
 
 
 def table(r: dict) -> str:
@@ -144,6 +177,15 @@ def table(r: dict) -> str:
         row("spike -> output", r["spike_to_output_ms"]),
         row("echo (LSL floor)", r["echo_latency_ms"]),
     ]
+    nf = r.get("no_gc_freeze")
+    if nf:
+        lines.append(row("output, GC not frozen", nf["output_latency_ms"]))
+        lines.append(
+            f"missed deadlines: {r['missed']} (GC frozen) vs {nf['missed']} (not frozen); "
+            f"longest full collection {r['gc']['longest_ms'][2]:.1f} vs "
+            f"{nf['gc']['longest_ms'][2]:.1f} ms; collections over 5 ms "
+            f"{r['gc']['over_5ms']} vs {nf['gc']['over_5ms']}"
+        )
     e, o = r["echo_latency_ms"], r["output_latency_ms"]
     lines.append(
         f"goals: p50 <= echo p50 + 0.5 ms: {o['p50']:.3f} <= {e['p50'] + 0.5:.3f} "
@@ -161,9 +203,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=300.0)
     ap.add_argument("--model", default="poyo-mp-small")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--compare-gc", action="store_true",
+                    help="also run a daemon with the GC freeze off, on the same stream")  # fmt: skip
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:
-        r = run(a.units, a.cadence, a.seconds, a.model, Path(tmp))
+        r = run(a.units, a.cadence, a.seconds, a.model, Path(tmp), a.compare_gc)
     print(table(r))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import numpy as np
 
 from bci_decoder.config import ServeConfig
 from bci_decoder.runtime.decode_loop import ActiveEngine, DecodeLoop, lsl_clock
+from bci_decoder.runtime.gc_pauses import GcMonitor, freeze
 from bci_decoder.runtime.lsl_io import BehaviorInletThread, ControlOutlet, SpikeInletThread
 from bci_decoder.runtime.ring import SpikeRing
 from bci_decoder.train.checkpoint import Decoder
@@ -108,6 +109,9 @@ class Daemon:
         self.started = time.time()
         self.providers: list[str] = []
         self.onnx_dir(self.model_dir, self.decoder)  # export (or find) the graphs now
+        if cfg.gc_freeze:
+            freeze(collect=True)  # nothing runs on deadlines yet: collect, then freeze
+        self.gc = GcMonitor()  # collections from here on (the one above took ~150 ms)
 
     # ---------------------------------------------------------------- engines
     def onnx_dir(self, base: Path, decoder: Decoder) -> Path:
@@ -245,6 +249,7 @@ class Daemon:
     def close(self) -> None:
         self.stop()
         self.outlet = None
+        self.gc.close()
 
     def _stalled(self, now: float) -> bool:
         inlet = self.spike_inlet
@@ -294,6 +299,8 @@ class Daemon:
             self.loop.start()
         elif not self.loop.hand_over(active):
             raise DaemonError("the decode loop did not take the new engine within 2 s", 503)
+        if self.cfg.gc_freeze:
+            freeze()  # the new engine's objects too; no collection (it would hold the GIL)
 
     def swap_decoder(
         self, decoder: Decoder, base: Path, name: str, calibration: str | None
@@ -436,6 +443,7 @@ class Daemon:
         return {
             "state": self.state,
             "engine": engine,  # the engine's own counts (rejected spikes by reason, ...)
+            "gc": self.gc.stats.public(),  # garbage collections and their pauses
             "model": self.describe_model(),
             "mode": self.cfg.mode,
             "backend": self.cfg.backend,
