@@ -134,6 +134,10 @@ class ServeConfig(BaseModel):
     # freeze the start-up heap out of the cyclic GC (runtime/gc_pauses.py): a full
     # collection of it holds the GIL ~150 ms; off only to measure what that costs
     gc_freeze: bool = True
+    # SCHED_FIFO priority (1-99) for the decode loop and the spike inlet thread, so other
+    # processes on the machine cannot delay a step; None: normal scheduling. Needs root,
+    # CAP_SYS_NICE or an rtprio limit; refused, it is reported in /status (runtime/priority.py)
+    realtime_priority: int | None = Field(None, ge=1, le=99)
     spikes: StreamSettings = Field(default_factory=lambda: StreamSettings(type="Spikes"))
     behavior: StreamSettings | None = Field(default_factory=lambda: StreamSettings(type="Behavior"))
     control_name: str = "bci_decoder"

@@ -64,6 +64,7 @@ def run_demo(
     cadence_hz: float = 100.0,
     steps: int = 150,
     sim_units: int | None = None,
+    realtime_priority: int | None = 50,
 ) -> dict[str, Any]:
     t_start = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -75,7 +76,7 @@ def run_demo(
         "state_dir": str(out / "serve"),
         "spikes": {"type": "Spikes", "source_id": spikes_id},
         "behavior": {"type": "Behavior", "source_id": f"{spikes_id}-behavior"},
-        "control_source_id": control_id,
+        "control_source_id": control_id, "realtime_priority": realtime_priority,
         "api": {"host": "127.0.0.1", "port": port, "token": token},
     }  # fmt: skip
     (out / "serve.yaml").write_text(yaml.safe_dump(cfg))
@@ -176,6 +177,7 @@ def run_demo(
         "max_gap_ms": float(np.diff(td).max() * 1e3) if len(td) > 1 else None,
         "gap_at_swap_ms": _gap_near(td, t_apply),
         "cadence_hz": cadence_hz,
+        "realtime": final.get("realtime"),
         "wall_s": time.time() - t_start,
     }
     _plot(out / "demo.png", td, yd, tb, xb, lat, t_cal, t_apply, report)

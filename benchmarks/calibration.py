@@ -7,7 +7,7 @@ machine), missed deadlines during it (goal 0), output latency p99 before vs duri
 the decoded R² after the swap. It is the demo's flow (bci_decoder/demo.py) with other
 settings, so the demo and this benchmark measure the same thing.
 
-    .venv/bin/python benchmarks/calibration.py --repeats 3 --json out/calibration.json
+    .venv/bin/python benchmarks/calibration.py --repeats 3 --compare-normal --json out/calibration.json
 
 The shared machine is noisy (output p99 before any calibration ranged 3.6-11 ms between
 runs), so compare "during" with "before" of the same run and quote medians of repeats.
@@ -33,10 +33,11 @@ KEYS = ["calibration_wall_s", "missed_before", "steps_before", "missed_during", 
         "p99_before_ms", "p99_during_ms", "r2_after", "heldout_r2", "gap_at_swap_ms"]  # fmt: skip
 
 
-def one_run(a: argparse.Namespace, out: Path) -> dict:
+def one_run(a: argparse.Namespace, out: Path, priority: int | None) -> dict:
     r = run_demo(out=out, calibrate_after=a.seconds, after=a.after, cadence_hz=a.cadence,
-                 sim_units=a.units)  # fmt: skip
+                 sim_units=a.units, realtime_priority=priority)  # fmt: skip
     return {
+        "realtime": r["realtime"],
         "calibration_wall_s": r["calibration_wall_s"],
         "missed_before": r["missed_before_calibration"],
         "steps_before": r["steps_before_calibration"],
@@ -57,20 +58,35 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0, help="calibration data (s)")
     ap.add_argument("--after", type=float, default=30.0, help="decoded after the swap (s)")
     ap.add_argument("--repeats", type=int, default=1, help="runs; the JSON holds their medians")
+    ap.add_argument("--realtime-priority", type=int, default=50,
+                    help="the daemon's SCHED_FIFO priority (0: normal scheduling)")  # fmt: skip
+    ap.add_argument("--compare-normal", action="store_true",
+                    help="each repeat also runs the daemon at normal priority, right after")  # fmt: skip
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench-calibration")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     print(f"load average at start: {os.getloadavg()}")
-    runs = [one_run(a, a.out / f"run{i}") for i in range(a.repeats)]
-    print(f"\n{'run':>4s}" + "".join(f"{k:>19s}" for k in KEYS))
-    for i, r in enumerate(runs):
-        print(f"{i:4d}" + "".join(f"{r[k]:19.3f}" for k in KEYS))
-    med = {k: float(np.median([r[k] for r in runs])) for k in KEYS}
-    print("med." + "".join(f"{med[k]:19.3f}" for k in KEYS))
-    # the keys the issue names hold the medians; every run is kept under "runs"
+    arms = {"configured": a.realtime_priority or None}
+    if a.compare_normal and a.realtime_priority:
+        arms["normal"] = None
+    runs: dict[str, list[dict]] = {k: [] for k in arms}
+    for i in range(a.repeats):  # arms interleaved, so slow drifts of the machine hit both
+        for arm, prio in arms.items():
+            runs[arm].append(one_run(a, a.out / f"{arm}{i}", prio))
     result = {"units": a.units, "cadence_hz": a.cadence, "calibration_seconds": a.seconds,
-              "repeats": a.repeats, **med, "runs": runs}  # fmt: skip
-    print(json.dumps(result, indent=1))
+              "repeats": a.repeats, "realtime_priority": a.realtime_priority or None}  # fmt: skip
+    for arm, rs in runs.items():
+        print(f"\n{arm} (realtime_priority {arms[arm]}): {rs[0]['realtime']}")
+        print(f"{'run':>4s}" + "".join(f"{k:>19s}" for k in KEYS))
+        for i, r in enumerate(rs):
+            print(f"{i:4d}" + "".join(f"{r[k]:19.3f}" for k in KEYS))
+        med = {k: float(np.median([r[k] for r in rs])) for k in KEYS}
+        print("med." + "".join(f"{med[k]:19.3f}" for k in KEYS))
+        if arm == "configured":  # the keys the issue names hold this arm's medians
+            result |= med | {"runs": rs}
+        else:
+            result[arm] = med | {"runs": rs}
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1, default=str))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(result, indent=1))

@@ -54,7 +54,8 @@ def test_auth_and_idle(state_dir):
 
 
 def test_live_decoding_matches_offline_engine(session, state_dir):
-    cfg = serve_config(state_dir, cadence_hz=100, trace_steps=100_000, safe_output="hold")
+    cfg = serve_config(state_dir, cadence_hz=100, trace_steps=100_000, safe_output="hold",
+                       realtime_priority=10)  # fmt: skip
     with LiveServer(cfg) as srv:
         # the daemon starts first; the stream appears later
         assert srv.post("/decoder/start").json()["state"] == "waiting-for-stream"
@@ -85,6 +86,11 @@ def test_live_decoding_matches_offline_engine(session, state_dir):
         st = srv.status()
         assert st["steps"] > steps_before + 200
         assert st["swaps"] == 1 and st["errors"] == 0
+        # SCHED_FIFO where permitted (root here); else the reason, and decoding goes on
+        rt = st["realtime"]
+        assert rt["priority"] == 10 and set(rt["threads"]) == {"decode_loop", "spike_inlet"}
+        for th, got in rt["threads"].items():
+            assert got == "SCHED_FIFO 10" or "not permitted" in got, (th, got)
         rep.done.wait(15)
         # the stream ends: stalled, the held value goes out
         st = srv.wait_state("stalled", timeout=5)

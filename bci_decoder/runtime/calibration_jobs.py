@@ -30,6 +30,7 @@ from typing import Any
 
 from bci_decoder.data.session import Session
 from bci_decoder.runtime.daemon import DaemonError
+from bci_decoder.runtime.priority import idle
 
 log = logging.getLogger(__name__)
 
@@ -98,27 +99,11 @@ class Job:
         }
 
 
-def _lower_priority(nice: int) -> None:
-    """Run the fit only on CPU time the daemon leaves over.
-
-    SCHED_IDLE (Linux) lets any normal thread preempt the fit at once; nice alone still
-    gave the fit a share of a busy core, and on a 2-core machine the decode loop, the
-    inlets, a replay and a client then waited behind it (3 missed deadlines in a 38 s
-    calibration at 200 units / 100 Hz). Either is allowed without privileges."""
-    try:
-        os.nice(nice)
-    except OSError:
-        pass
-    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        except OSError:
-            pass
-
-
 def _worker(spec: JobSpec, q: Any) -> None:
     """Child process: fit, score, refit, save. Talks to the parent only through ``q``."""
-    _lower_priority(spec.nice)
+    # SCHED_IDLE: any normal thread preempts the fit at once (nice alone still gave it a
+    # share of a busy core, and on 2 cores the decode loop waited behind it)
+    idle(spec.nice)
     import numpy as np
     import torch
 

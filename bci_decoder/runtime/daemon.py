@@ -221,7 +221,9 @@ class Daemon:
                 return self.state
             cfg = self.cfg
             self._stop.clear()
-            self.spike_inlet = SpikeInletThread(cfg.spikes, self.ring)
+            self.spike_inlet = SpikeInletThread(
+                cfg.spikes, self.ring, rt_priority=cfg.realtime_priority
+            )
             self.spike_inlet.start()
             if cfg.behavior is not None:
                 self.behavior_inlet = BehaviorInletThread(cfg.behavior, cfg.behavior_seconds)
@@ -250,6 +252,19 @@ class Daemon:
         self.stop()
         self.outlet = None
         self.gc.close()
+
+    def _realtime(self) -> dict:
+        """Whether the hot threads got the real-time priority they were configured for."""
+        want = self.cfg.realtime_priority
+        threads = {"decode_loop": self.loop, "spike_inlet": self.spike_inlet}
+        return {
+            "priority": want,
+            "threads": {
+                k: ("normal" if not want else th.rt_error or f"SCHED_FIFO {want}")
+                for k, th in threads.items()
+                if th is not None and th.is_alive()
+            },
+        }
 
     def _stalled(self, now: float) -> bool:
         inlet = self.spike_inlet
@@ -295,6 +310,7 @@ class Daemon:
                 stalled=self._stalled,
                 spin_us=cfg.spin_us,
                 trace_steps=cfg.trace_steps,
+                rt_priority=cfg.realtime_priority,
             )
             self.loop.start()
         elif not self.loop.hand_over(active):
@@ -444,6 +460,7 @@ class Daemon:
             "state": self.state,
             "engine": engine,  # the engine's own counts (rejected spikes by reason, ...)
             "gc": self.gc.stats.public(),  # garbage collections and their pauses
+            "realtime": self._realtime(),
             "model": self.describe_model(),
             "mode": self.cfg.mode,
             "backend": self.cfg.backend,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pylsl
 
+from bci_decoder.runtime.priority import realtime
 from bci_decoder.runtime.ring import SpikeRing
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,11 @@ class DecodeLoop(threading.Thread):
         stalled: Callable[[float], bool] = lambda now: False,
         spin_us: float = 150.0,
         trace_steps: int = 0,
+        rt_priority: int | None = None,
     ) -> None:
         super().__init__(name="decode-loop", daemon=True)
+        self.rt_priority = rt_priority  # SCHED_FIFO priority of this thread (priority.py)
+        self.rt_error: str | None = None
         self.ring = ring
         self.active = active
         self.emit = emit
@@ -150,6 +154,10 @@ class DecodeLoop(threading.Thread):
             pass
 
     def run(self) -> None:
+        if self.rt_priority:
+            self.rt_error = realtime(self.rt_priority)
+            if self.rt_error:
+                log.warning("decode loop stays at normal priority: %s", self.rt_error)
         hop = self.hop
         k = int(np.ceil(lsl_clock() / hop)) + 1  # deadlines at k * hop: absolute grid
         while not self._stop_event.is_set():

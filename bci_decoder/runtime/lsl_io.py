@@ -30,6 +30,7 @@ import pylsl
 from pylsl.util import LostError
 
 from bci_decoder.config import StreamSettings
+from bci_decoder.runtime.priority import realtime
 from bci_decoder.runtime.ring import SampleRing, SpikeRing
 
 log = logging.getLogger(__name__)
@@ -165,8 +166,11 @@ class InletThread(threading.Thread):
         max_buffer_s: int = 10,
         max_buffer_spikes: int = 2_000_000,
         name: str = "inlet",
+        rt_priority: int | None = None,
     ) -> None:
         super().__init__(name=name, daemon=True)
+        self.rt_priority = rt_priority  # SCHED_FIFO priority of this thread (priority.py)
+        self.rt_error: str | None = None
         self.query = query
         self.chunk = chunk
         self.resolve_timeout = resolve_timeout
@@ -192,6 +196,8 @@ class InletThread(threading.Thread):
         raise NotImplementedError
 
     def run(self) -> None:
+        if self.rt_priority:
+            self.rt_error = realtime(self.rt_priority)
         while not self._stop_event.is_set():
             info = resolve(self.query, self.resolve_timeout)
             if info is None:

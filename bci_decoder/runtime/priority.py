@@ -1,0 +1,45 @@
+"""Scheduling priorities of the daemon's threads and of the calibration process (Linux).
+
+``realtime(p)``: the calling thread gets SCHED_FIFO at priority ``p`` (1-99), so a
+normal process that wakes on the same core cannot delay it. Needs root, CAP_SYS_NICE or
+an ``rtprio`` limit (``/etc/security/limits.conf``: ``@bci - rtprio 60``); without one the
+thread stays as it was and the reason is returned for /status. The kernel keeps 5% of
+each second for other threads (``sched_rt_runtime_us``), so a stuck loop cannot freeze
+the machine.
+
+``idle()``: the calling process runs only on CPU time nothing else wants (SCHED_IDLE,
+plus ``nice``); always allowed.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def realtime(priority: int) -> str | None:
+    """SCHED_FIFO for the calling thread. Returns None on success, else why not."""
+    if not hasattr(os, "sched_setscheduler"):
+        return "real-time scheduling needs Linux"
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except PermissionError:
+        return (
+            "not permitted: run as a user with an rtprio limit >= "
+            f"{priority} (limits.conf) or CAP_SYS_NICE"
+        )
+    except OSError as e:
+        return f"SCHED_FIFO {priority} refused: {e}"
+    return None
+
+
+def idle(nice: int = 10) -> None:
+    """Lowest priority for the calling process (threads it starts later inherit it)."""
+    try:
+        os.nice(nice)
+    except OSError:
+        pass
+    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:
+            pass
