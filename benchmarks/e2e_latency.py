@@ -10,6 +10,7 @@ process records both outputs with their arrival times. Reported:
   echo_latency_ms      the same as output latency, for the echo path (the floor)
   daemon_cpu_percent   the daemon's CPU time / wall time over the replay (100 = one core)
 Goals (issue): 200 units, 100 Hz, 5 min: 0 missed; p50 <= echo p50 + 0.5 ms; p99 <= 2x echo.
+--compare realtime|gc runs a second daemon without that feature on the same stream.
 
     .venv/bin/python benchmarks/e2e_latency.py --units 200 --cadence 100 --seconds 300 --json out/e2e.json
 """
@@ -41,6 +42,12 @@ from bci_decoder.runtime.processes import ProcessGroup, free_port, wait_http  # 
 from bci_decoder.train.checkpoint import Decoder, Normalizer  # noqa: E402
 from benchmarks.engine_latency import stream as poisson_session  # noqa: E402
 
+# --compare: (label, the second daemon's config changes)
+COMPARE = {
+    "gc": ("GC not frozen", {"gc_freeze": False}),
+    "realtime": ("normal priority", {"realtime_priority": None}),
+}
+
 
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -55,7 +62,13 @@ def pct(x: np.ndarray) -> dict[str, float | None]:
 
 
 def run(
-    units: int, cadence: float, seconds: float, model: str, work: Path, compare_gc: bool = False
+    units: int,
+    cadence: float,
+    seconds: float,
+    model: str,
+    work: Path,
+    realtime_priority: int | None = 50,
+    compare: str | None = None,
 ) -> dict:
     tag = uuid.uuid4().hex[:8]
     session = poisson_session(units, seconds + 5.0)
@@ -71,31 +84,33 @@ def run(
     cfg = {
         "model": model, "models_dir": str(models), "calibration": "bench",
         "cadence_hz": cadence, "autostart": True, "behavior": None,
+        "realtime_priority": realtime_priority,
         "state_dir": str(ROOT / "out" / "bench-serve"),  # keeps the ONNX export between runs
         "spikes": {"type": "Spikes", "source_id": spikes_id}, "control_source_id": control_id,
         "api": {"host": "127.0.0.1", "port": port, "token": token},
     }  # fmt: skip
     (work / "serve.yaml").write_text(yaml.safe_dump(cfg))
-    # --compare-gc: a second daemon on the same stream with the GC freeze off (the
-    # behaviour before runtime/gc_pauses.py), side by side in the same run
-    nf_port, nf_id = free_port(), f"e2e-{tag}-nofreeze"
-    nf_cfg = cfg | {"gc_freeze": False, "control_source_id": nf_id,
-                    "api": cfg["api"] | {"port": nf_port}}  # fmt: skip
-    (work / "serve-nofreeze.yaml").write_text(yaml.safe_dump(nf_cfg))
+    # --compare FEATURE: a second daemon on the same stream with that feature off, side
+    # by side in the same run (the same machine noise hits both)
+    nf_port, nf_id = free_port(), f"e2e-{tag}-other"
+    nf_cfg = cfg | (COMPARE[compare][1] if compare else {}) | {
+        "control_source_id": nf_id, "api": cfg["api"] | {"port": nf_port}}  # fmt: skip
+    (work / "serve-other.yaml").write_text(yaml.safe_dump(nf_cfg))
+    comparing = compare is not None
     procs = ProcessGroup(work / "logs")
     url = f"http://127.0.0.1:{port}"
     nf_url = f"http://127.0.0.1:{nf_port}"
     try:
         serve = procs.python("serve", ["-m", "bci_decoder.cli", "serve", "--config",
                                        str(work / "serve.yaml")])  # fmt: skip
-        if compare_gc:
-            procs.python("serve-nofreeze", ["-m", "bci_decoder.cli", "serve", "--config",
-                                            str(work / "serve-nofreeze.yaml")])  # fmt: skip
-            wait_http(nf_url + "/health", 180, lambda: procs.check("serve-nofreeze"))
+        if comparing:
+            procs.python("serve-other", ["-m", "bci_decoder.cli", "serve", "--config",
+                                         str(work / "serve-other.yaml")])  # fmt: skip
+            wait_http(nf_url + "/health", 180, lambda: procs.check("serve-other"))
         procs.python("echo", ["-m", "bci_decoder.runtime.echo", "--spikes-source-id", spikes_id,
                               "--source-id", echo_id, "--cadence", str(cadence)])  # fmt: skip
         wait_http(url + "/health", 180, lambda: procs.check("serve"))
-        extra = ["--stream", f"nofreeze=Control:{nf_id}"] if compare_gc else []
+        extra = ["--stream", f"other=Control:{nf_id}"] if comparing else []
         procs.python("client", ["-m", "bci_decoder.runtime.client",
                                 "--stream", f"decoded=Control:{control_id}",
                                 "--stream", f"echo=Control:{echo_id}", *extra,
@@ -110,20 +125,20 @@ def run(
             if time.monotonic() > deadline:
                 raise TimeoutError("the daemon did not start decoding")
             time.sleep(0.1)
-        if compare_gc:
+        if comparing:
             while httpx.get(nf_url + "/status").json()["state"] != "running":
-                procs.check("serve-nofreeze")
+                procs.check("serve-other")
                 if time.monotonic() > deadline:
                     raise TimeoutError("the second daemon did not start decoding")
                 time.sleep(0.1)
         st0 = httpx.get(url + "/status").json()
-        nf0 = httpx.get(nf_url + "/status").json() if compare_gc else None
+        nf0 = httpx.get(nf_url + "/status").json() if comparing else None
         cpu0, wall0 = cpu_seconds(serve.pid), time.monotonic()
         print(f"decoding {units} units at {cadence:g} Hz for {seconds:g} s ...", flush=True)
         procs.wait("replay", seconds + 60)
         cpu1, wall1 = cpu_seconds(serve.pid), time.monotonic()
         st1 = httpx.get(url + "/status").json()
-        nf1 = httpx.get(nf_url + "/status").json() if compare_gc else None
+        nf1 = httpx.get(nf_url + "/status").json() if comparing else None
         procs.wait("client", seconds + 60)
     finally:
         procs.stop_all()
@@ -151,15 +166,19 @@ def run(
         "outputs_received": int(keep_d.sum()),
         "echo_received": int(keep_e.sum()),
         "gc": st1["gc"],
+        "realtime": st1["realtime"],
     }
-    if compare_gc:
-        tn, an = rec["nofreeze_timestamps"], rec["nofreeze_arrival"]
+    if comparing:
+        tn, an = rec["other_timestamps"], rec["other_arrival"]
         keep_n = (tn > lo + 1.0) & (tn < hi)
-        out["no_gc_freeze"] = {
+        out["compare"] = {
+            "without": compare,
+            "label": COMPARE[compare][0],
             "steps": nf1["steps"] - nf0["steps"],
             "missed": nf1["missed_deadlines"] - nf0["missed_deadlines"],
             "output_latency_ms": pct((an - tn)[keep_n] * 1e3),
             "gc": nf1["gc"],
+            "realtime": nf1["realtime"],
         }
     return out
 
@@ -177,11 +196,11 @@ def table(r: dict) -> str:
         row("spike -> output", r["spike_to_output_ms"]),
         row("echo (LSL floor)", r["echo_latency_ms"]),
     ]
-    nf = r.get("no_gc_freeze")
+    nf = r.get("compare")
     if nf:
-        lines.append(row("output, GC not frozen", nf["output_latency_ms"]))
+        lines.append(row(f"output, {nf['label']}", nf["output_latency_ms"]))
         lines.append(
-            f"missed deadlines: {r['missed']} (GC frozen) vs {nf['missed']} (not frozen); "
+            f"missed deadlines: {r['missed']} (this daemon) vs {nf['missed']} ({nf['label']}); "
             f"longest full collection {r['gc']['longest_ms'][2]:.1f} vs "
             f"{nf['gc']['longest_ms'][2]:.1f} ms; collections over 5 ms "
             f"{r['gc']['over_5ms']} vs {nf['gc']['over_5ms']}"
@@ -203,11 +222,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=300.0)
     ap.add_argument("--model", default="poyo-mp-small")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--compare-gc", action="store_true",
-                    help="also run a daemon with the GC freeze off, on the same stream")  # fmt: skip
+    ap.add_argument("--realtime-priority", type=int, default=50,
+                    help="the daemon's SCHED_FIFO priority (0: normal scheduling)")  # fmt: skip
+    ap.add_argument("--compare", choices=sorted(COMPARE),
+                    help="also run a daemon without this feature, on the same stream")  # fmt: skip
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:
-        r = run(a.units, a.cadence, a.seconds, a.model, Path(tmp), a.compare_gc)
+        r = run(a.units, a.cadence, a.seconds, a.model, Path(tmp), a.realtime_priority or None,
+                a.compare)  # fmt: skip
     print(table(r))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,10 @@ def realtime(priority: int) -> str | None:
     """SCHED_FIFO for the calling thread. Returns None on success, else why not."""
     if not hasattr(os, "sched_setscheduler"):
         return "real-time scheduling needs Linux"
+    # RESET_ON_FORK: processes started from this thread (none today) come back to normal
+    policy = os.SCHED_FIFO | getattr(os, "SCHED_RESET_ON_FORK", 0)
     try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+        os.sched_setscheduler(0, policy, os.sched_param(priority))
     except PermissionError:
         return (
             "not permitted: run as a user with an rtprio limit >= "
