@@ -233,10 +233,18 @@ def _print_summary(r: dict, out: Path) -> None:
         f"({r['missed_during_calibration']} during calibration)",
         f"  largest gap at the swap                {f(r['gap_at_swap_ms'], '.1f')} ms",
         f"  dropped samples                        {sum(r['dropped'].values())} {r['dropped']}",
+        f"  scheduling (decode loop, spike inlet)  {_scheduling(r.get('realtime'))}",
         f"  report: {out / 'report.json'}, plot: {out / 'demo.png'} ({r['wall_s']:.0f} s)",
     ]  # fmt: skip
     print("\n".join(lines))
     sys.stdout.flush()
+
+
+def _scheduling(rt: dict | None) -> str:
+    """'SCHED_FIFO 50', 'normal', or the reason real-time priority was refused."""
+    if not rt or not rt.get("threads"):
+        return "n/a"
+    return ", ".join(sorted(set(rt["threads"].values())))
 
 
 def _plot(path: Path, td, yd, tb, xb, lat, t_cal, t_apply, r) -> None:
