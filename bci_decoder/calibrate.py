@@ -22,6 +22,7 @@ pretrained model, not from this fit.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,11 @@ from bci_decoder.model.vocab import unit_key
 from bci_decoder.train.checkpoint import Decoder, Normalizer
 from bci_decoder.train.data import BatchSampler, SessionSource
 from bci_decoder.train.loop import masked_mse
+
+# fit_units may run in several threads at once (the REST job scores and refits side by
+# side); the global torch RNG draws the new embeddings' start, so seeding and drawing
+# must not interleave
+_SEED_LOCK = threading.Lock()
 
 
 @dataclass
@@ -104,7 +110,6 @@ def fit_units(
     st = settings or CalibrationSettings()
     if st.threads:
         torch.set_num_threads(st.threads)
-    torch.manual_seed(st.seed)
     beh = session.behavior[output].between(*span)
     if len(beh.timestamps) < 10:
         raise ValueError(f"only {len(beh.timestamps)} behaviour samples in the calibration span")
@@ -113,7 +118,9 @@ def fit_units(
             f"calibration span {span[1] - span[0]:.1f} s is too short (need > {st.sequence + 0.5} s)"
         )
     norm = Normalizer.fit(beh.data)
-    dec = add_session(decoder, session, output, norm)
+    with _SEED_LOCK:  # the new rows' random start: the same whichever thread fits
+        torch.manual_seed(st.seed)
+        dec = add_session(decoder, session, output, norm)
     model = dec.model
     sid = session.session_id
     unit_index = dec.units.session_units(sid, session.unit_ids)
