@@ -9,6 +9,11 @@ decode loop cannot run: 15 missed deadlines at 100 Hz, whatever thread triggered
 which collections skip; call it once start-up is done, and again after a new engine or
 model is built (``gc.freeze`` itself costs microseconds, it collects nothing).
 ``GcMonitor`` times every collection so /status shows what they cost.
+
+Measured (9 model swaps each way, stevenson2011_m1 replayed at 100 Hz): with the freeze
+the largest output interval around a swap was 40-140 ms, without it 10-50 ms, and no
+full collection happened in either; so the daemon's ``gc_freeze`` is off by default and
+the monitor stays on.
 """
 
 from __future__ import annotations
