@@ -511,6 +511,23 @@ class StreamingEngine:
         self._last_time = float(t[-1])
         return t, u.astype(np.intp, copy=False)
 
+    def _clip(self, t: np.ndarray, u: np.ndarray, room: int) -> tuple[np.ndarray, np.ndarray]:
+        """The spikes that fit in ``room`` buffer rows; the rest count as overflow."""
+        if t.size > room:
+            self._rejected["overflow"] += t.size - room
+            t, u = t[:room], u[:room]
+        return t, u
+
+    def _keys_values(
+        self, k: np.ndarray, v: np.ndarray, t: np.ndarray, u: np.ndarray, tab: UnitTables
+    ) -> None:
+        """Rotated spike keys/values written into the buffer rows k, v (S, H, Dh) in place."""
+        np.take(tab.k, u, axis=0, out=k)
+        np.take(tab.v, u, axis=0, out=v)
+        self._rotate(k, t)
+        if self.rotate_values:
+            self._rotate(v, t)
+
     def _rotate(self, x: np.ndarray, t: np.ndarray) -> None:
         """Rotate rows x (m, H, Dh) in place at times t (m,): ``rotate`` in numpy, with
         the float64 phase of ``rotary_phases``."""
@@ -568,49 +585,32 @@ class StreamingEngine:
 
     def _append(self, t: np.ndarray, u: np.ndarray, tab: UnitTables) -> int:
         """Spikes of the current group: rotated keys/values into the group buffer."""
-        m, c0 = t.size, self._count
-        room = self.capacity - c0
-        if m > room:
-            self._rejected["overflow"] += m - room
-            t, u, m = t[:room], u[:room], room
-            if m == 0:
-                return 0
-        c1 = c0 + m
-        k, v = self._k[c0:c1], self._v[c0:c1]
-        np.take(tab.k, u, axis=0, out=k)
-        np.take(tab.v, u, axis=0, out=v)
-        self._rotate(k, t)
-        if self.rotate_values:
-            self._rotate(v, t)
+        c0 = self._count
+        t, u = self._clip(t, u, self.capacity - c0)
+        if t.size == 0:
+            return 0
+        c1 = c0 + t.size
+        self._keys_values(self._k[c0:c1], self._v[c0:c1], t, u, tab)
         self._count_feat[0, : self.dim] += tab.emb[u].sum(0)
         self._bias[0, c0 + 1 : c1 + 1] = 0.0
         self._count = c1
         self._dirty.update(("count_feat", "spike_k", "spike_v", "spike_bias"))
-        return m
+        return t.size
 
     def _push_window(self, t: np.ndarray, u: np.ndarray, tab: UnitTables) -> int:
-        m = t.size
-        if self._w_end + m > self._wt.size:
+        if self._w_end + t.size > self._wt.size:
             self._compact()
-        room = self._wt.size - self._w_end
-        if m > room:
-            self._rejected["overflow"] += m - room
-            t, u, m = t[:room], u[:room], room
-            if m == 0:
-                return 0
-        e0, e1 = self._w_end, self._w_end + m
-        k, v = self._wk[e0:e1], self._wv[e0:e1]
-        np.take(tab.k, u, axis=0, out=k)
-        np.take(tab.v, u, axis=0, out=v)
-        self._rotate(k, t)
-        if self.rotate_values:
-            self._rotate(v, t)
+        t, u = self._clip(t, u, self._wt.size - self._w_end)
+        if t.size == 0:
+            return 0
+        e0, e1 = self._w_end, self._w_end + t.size
+        self._keys_values(self._wk[e0:e1], self._wv[e0:e1], t, u, tab)
         self._wt[e0:e1] = t
         cs = self._wcs[e0 + 1 : e1 + 1]
         np.cumsum(tab.emb[u], axis=0, dtype=np.float64, out=cs)
         cs += self._wcs[e0]
         self._w_end = e1
-        return m
+        return t.size
 
     def _compact(self) -> None:
         """Drop window spikes no later step can see (older than last step - W)."""
