@@ -26,6 +26,7 @@ from bci_decoder.config import ServeConfig
 from bci_decoder.runtime.decode_loop import ActiveEngine, DecodeLoop, lsl_clock
 from bci_decoder.runtime.gc_pauses import GcMonitor, freeze
 from bci_decoder.runtime.lsl_io import BehaviorInletThread, ControlOutlet, SpikeInletThread
+from bci_decoder.runtime.priority import policy_of
 from bci_decoder.runtime.ring import SpikeRing
 from bci_decoder.train.checkpoint import Decoder
 
@@ -254,13 +255,13 @@ class Daemon:
         self.gc.close()
 
     def _realtime(self) -> dict:
-        """Whether the hot threads got the real-time priority they were configured for."""
-        want = self.cfg.realtime_priority
+        """The hot threads' scheduling as the kernel reports it, and why real-time
+        priority was refused if it was."""
         threads = {"decode_loop": self.loop, "spike_inlet": self.spike_inlet}
         return {
-            "priority": want,
+            "priority": self.cfg.realtime_priority,
             "threads": {
-                k: ("normal" if not want else th.rt_error or f"SCHED_FIFO {want}")
+                k: th.rt_error or policy_of(th.native_id)
                 for k, th in threads.items()
                 if th is not None and th.is_alive()
             },

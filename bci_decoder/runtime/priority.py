@@ -34,6 +34,21 @@ def realtime(priority: int) -> str | None:
     return None
 
 
+def policy_of(tid: int | None) -> str:
+    """The scheduling policy a thread (native id) has now: 'SCHED_FIFO 50', 'normal', ..."""
+    if tid is None or not hasattr(os, "sched_getscheduler"):
+        return "unknown"
+    try:
+        policy = os.sched_getscheduler(tid) & ~getattr(os, "SCHED_RESET_ON_FORK", 0)
+        prio = os.sched_getparam(tid).sched_priority
+    except OSError:
+        return "unknown"
+    names = {os.SCHED_FIFO: "SCHED_FIFO", os.SCHED_RR: "SCHED_RR", os.SCHED_OTHER: "normal"}
+    names[getattr(os, "SCHED_IDLE", -1)] = "idle"
+    name = names.get(policy, f"policy {policy}")
+    return f"{name} {prio}" if prio else name
+
+
 def idle(nice: int = 10) -> None:
     """Lowest priority for the calling process (threads it starts later inherit it)."""
     try:
