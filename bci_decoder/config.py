@@ -133,8 +133,8 @@ class ServeConfig(BaseModel):
     spin_us: float = Field(150.0, ge=0)  # busy-wait before each deadline (sleep jitter)
     # freeze the start-up heap out of the cyclic GC (runtime/gc_pauses.py): a full
     # collection of it would hold the GIL ~150 ms, but none came in 3-minute runs, and
-    # with the freeze model swaps held the loop up longer (largest interval 40-140 ms
-    # vs 10-50 ms, 9 swaps each); off until that is understood
+    # with the freeze model swaps held the loop up longer (largest interval 40-50 ms vs
+    # 10 ms, benchmarks/swap_gap.py); off until that is understood
     gc_freeze: bool = False
     # SCHED_FIFO priority (1-99) for the decode loop and the spike inlet thread, so other
     # processes on the machine cannot delay a step; None: normal scheduling. Needs root,

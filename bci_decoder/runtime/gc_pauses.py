@@ -10,9 +10,9 @@ which collections skip; call it once start-up is done, and again after a new eng
 model is built (``gc.freeze`` itself costs microseconds, it collects nothing).
 ``GcMonitor`` times every collection so /status shows what they cost.
 
-Measured (9 model swaps each way, stevenson2011_m1 replayed at 100 Hz): with the freeze
-the largest output interval around a swap was 40-140 ms, without it 10-50 ms, and no
-full collection happened in either; so the daemon's ``gc_freeze`` is off by default and
+Measured (benchmarks/swap_gap.py: 9 model swaps each way, stevenson2011_m1 at 100 Hz):
+with the freeze the largest output interval around a swap was 40-50 ms, without it
+10 ms, and no full collection happened in either; so the daemon's ``gc_freeze`` is off by default and
 the monitor stays on.
 """
 
