@@ -11,13 +11,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("BCI_REAL_DATA", ROOT.parent / "shared" / "data" / "real"))
+CORPUS_DATA = Path(os.environ.get("BCI_CORPUS_DATA", ROOT.parent / "shared" / "data" / "corpus"))
 
 
-def require_real_data(name: str | None = None) -> Path:
-    """Path of the real-data folder (or one file in it); skip, or fail in CI, if absent."""
-    path = REAL_DATA / name if name else REAL_DATA
+def require_real_data(name: str | None = None, folder: Path = REAL_DATA) -> Path:
+    """Path of a data folder (or one file in it); skip, or fail in CI, if absent."""
+    path = folder / name if name else folder
     if not path.exists():
-        msg = f"real recordings not found at {path} (set BCI_REAL_DATA to their folder)"
+        msg = f"recordings not found at {path} (set BCI_REAL_DATA / BCI_CORPUS_DATA)"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(msg + "; in CI the data folder is required")
         pytest.skip(msg)
@@ -27,3 +28,8 @@ def require_real_data(name: str | None = None) -> Path:
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     return require_real_data()
+
+
+@pytest.fixture(scope="session")
+def corpus_data() -> Path:
+    return require_real_data(folder=CORPUS_DATA)

@@ -60,6 +60,8 @@ class Session:
     domain: tuple[float, float]  # valid time [start, stop)
     trials: dict[str, np.ndarray] = field(default_factory=dict)  # column -> (N,) array
     description: str = ""
+    # ISO 8601 start of the recording (NWB session_start_time); orders days of a subject
+    recorded_at: str = ""
 
     def __post_init__(self) -> None:
         self.spike_times = np.asarray(self.spike_times, dtype=np.float64)
@@ -89,8 +91,10 @@ class Session:
         return self.domain[1] - self.domain[0]
 
     def default_output(self) -> str:
-        """The behaviour decoded by default: hand velocity when recorded, else force."""
-        for name in ("hand_vel", "force", "cursor_vel"):
+        """The behaviour decoded by default: hand velocity when recorded, else the cursor's
+        position (wrist tasks: the cursor follows wrist force, and every Spike day has it,
+        where force starts on 2012-08-17 and has flat channels on some days), else force."""
+        for name in ("hand_vel", "cursor_pos", "force", "cursor_vel"):
             if name in self.behavior:
                 return name
         return next(iter(self.behavior))
@@ -116,6 +120,7 @@ class Session:
             domain=(start, stop),
             trials=dict(self.trials),
             description=self.description,
+            recorded_at=self.recorded_at,
         )
 
     def shifted(self, offset: float) -> Session:
@@ -137,6 +142,7 @@ class Session:
                 for k, v in self.trials.items()
             },
             description=self.description,
+            recorded_at=self.recorded_at,
         )
 
 

@@ -35,6 +35,10 @@ def gather_sessions(cfg: TrainConfig) -> list[Session]:
     if cfg.data.include:
         sessions = [s for s in sessions if s.session_id in cfg.data.include]
     sessions = [s for s in sessions if s.session_id not in cfg.data.exclude]
+    unlabelled = [s.session_id for s in sessions if not s.behavior]
+    if unlabelled:  # nothing to regress on; the masked objective (MtM) is what can use them
+        print(f"skipping sessions without behaviour: {', '.join(unlabelled)}")
+        sessions = [s for s in sessions if s.behavior]
     if not sessions:
         raise ValueError("the config selects no sessions (data.real / data.simulate)")
     ids = [s.session_id for s in sessions]
@@ -143,7 +147,15 @@ def train(
     out = Path(cfg.out)
     sessions = gather_sessions(cfg)
     decoder, sources = build_decoder(cfg, sessions)
-    decoder.info = {"train_config": cfg.model_dump(), "sessions": [s.session_id for s in sessions]}
+    decoder.info = {
+        "train_config": cfg.model_dump(),
+        "sessions": [s.session_id for s in sessions],
+        # who and when each session is: a new day of a known subject starts from these
+        # (calibrate.warm_start_tables)
+        "session_meta": {
+            s.session_id: {"subject": s.subject, "recorded_at": s.recorded_at} for s in sessions
+        },
+    }
     model = decoder.model
     if cfg.init:
         warm_start(decoder, Path(cfg.init))
