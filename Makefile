@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps nlb-tools==0.0.4  # test-only; see pyproject dev
 	touch $(STAMP)
 
 venv: $(STAMP)
