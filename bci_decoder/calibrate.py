@@ -38,6 +38,13 @@ from bci_decoder.data.session import Session, time_split
 from bci_decoder.decode import CAUSAL_KEYS, decode_causal, session_tokens, to_torch
 from bci_decoder.metrics import r2_score
 from bci_decoder.model.vocab import unit_key
+from bci_decoder.subjects import (
+    WarmStart,
+    WarmStartMode,
+    plan_warm_start,
+    subject_sessions,
+    unit_rates_hz,
+)
 from bci_decoder.train.checkpoint import Decoder, Normalizer
 from bci_decoder.train.data import BatchSampler, SessionSource
 from bci_decoder.train.loop import masked_mse
@@ -72,11 +79,45 @@ class CalibrationSettings:
     unit_dropout: float = 0.0  # probability that a sequence drops units (augmentation)
     threads: int = 0  # 0: torch's default
     seed: int = 0
+    # A new day of a subject the model knows starts each unit from the same channel on the
+    # most recent earlier day ("name"), also requiring a firing rate within 2x
+    # ("name+rate"), or from the mean of all units as for an unknown subject ("off");
+    # see bci_decoder/subjects.py
+    warm_start: WarmStartMode = "name"
 
 
-def add_session(decoder: Decoder, session: Session, output: str, norm: Normalizer) -> Decoder:
-    """A copy of ``decoder`` that knows ``session``'s units (new embeddings, initialised at
-    the mean of the known ones) and the session itself."""
+def plan_for(
+    decoder: Decoder, session: Session, mode: WarmStartMode, span: tuple[float, float] | None
+) -> WarmStart | None:
+    """The warm start of ``session`` on ``decoder`` (None: unknown subject or mode off);
+    rates for ``"name+rate"`` come from the session's spikes in ``span``."""
+    rates = None
+    if mode == "name+rate" and span is not None:
+        rates = unit_rates_hz(session.spike_times, session.spike_units, session.num_units, span)
+    return plan_warm_start(
+        decoder.units.to_list(),
+        decoder.sessions.to_list(),
+        decoder.info,
+        session.subject,
+        session.unit_ids,
+        recorded_at=session.recorded_at,
+        mode=mode,
+        unit_rates=rates,
+    )
+
+
+def add_session(
+    decoder: Decoder,
+    session: Session,
+    output: str,
+    norm: Normalizer,
+    warm: WarmStart | None = None,
+) -> Decoder:
+    """A copy of ``decoder`` that knows ``session``'s units and the session itself.
+
+    New unit embeddings start near the mean of the known ones; with ``warm``, the units
+    it matched start as copies of their rows on an earlier day of the subject, and the
+    session embedding as a copy of the nearest earlier day's."""
     if output not in decoder.model.output_names:
         raise ValueError(
             f"the model has no head for {output!r}; it decodes {decoder.model.output_names}"
@@ -89,6 +130,16 @@ def add_session(decoder: Decoder, session: Session, output: str, norm: Normalize
     if sid not in dec.sessions:
         dec.sessions.extend([sid])
         dec.model.extend_sessions(1)
+    if warm is not None and added:
+        rows = dec.units.session_units(sid, session.unit_ids)  # (U,)
+        hit = warm.unit_rows >= 0
+        with torch.no_grad():
+            table = dec.model.unit_emb.weight
+            table[torch.from_numpy(rows[hit])] = table[torch.from_numpy(warm.unit_rows[hit])]
+            if warm.session_row >= 0:
+                stable = dec.model.session_emb.weight
+                stable[dec.sessions[sid]] = stable[warm.session_row]
+        dec.info = dict(dec.info) | {"warm_start": warm.summary()}
     dec.norms[sid] = {output: norm}
     return dec
 
@@ -118,9 +169,10 @@ def fit_units(
             f"calibration span {span[1] - span[0]:.1f} s is too short (need > {st.sequence + 0.5} s)"
         )
     norm = Normalizer.fit(beh.data)
+    warm = plan_for(decoder, session, st.warm_start, span)
     with _SEED_LOCK:  # the new rows' random start: the same whichever thread fits
         torch.manual_seed(st.seed)
-        dec = add_session(decoder, session, output, norm)
+        dec = add_session(decoder, session, output, norm, warm)
     model = dec.model
     sid = session.session_id
     unit_index = dec.units.session_units(sid, session.unit_ids)
@@ -213,6 +265,42 @@ def fit_units(
     return dec
 
 
+def zero_shot(
+    decoder: Decoder,
+    session: Session,
+    output: str,
+    mode: WarmStartMode = "name",
+    rate_span: tuple[float, float] | None = None,
+) -> Decoder:
+    """A new day of a known subject decoded with no labels and no fitting: the
+    warm-started tables (``subjects.plan_warm_start``) and the behaviour normalisation of
+    the nearest earlier day. ``rate_span``: spikes that ``"name+rate"`` may look at."""
+    warm = plan_for(decoder, session, mode, rate_span)
+    if warm is None:
+        raise ValueError(
+            f"zero-shot decoding needs a subject the model knows: {session.subject!r} is not "
+            "among its pretraining sessions' subjects (or warm_start is off); calibrate with "
+            "labelled seconds instead"
+        )
+    norm = decoder.norms.get(warm.nearest_session, {}).get(output)
+    if norm is None:
+        days = [
+            sid
+            for sid in subject_sessions(decoder.info, session.subject, session.recorded_at)
+            if output in decoder.norms.get(sid, {})
+        ]
+        if not days:
+            raise ValueError(f"no day of {session.subject!r} in the model decodes {output!r}")
+        norm = decoder.norms[days[0]][output]
+        warm.notes.append(f"normalisation of {output} from {days[0]}")
+    dec = add_session(decoder, session, output, norm, warm)
+    dec.model.eval()
+    dec.info = dict(dec.info) | {
+        "calibrated": {"session": session.session_id, "span": [], "steps": 0, "zero_shot": True}
+    }
+    return dec
+
+
 def _batch_size(
     session: Session, span: tuple[float, float], step: float, st: CalibrationSettings
 ) -> int:
@@ -250,24 +338,28 @@ def calibrate_report(
     stop = min(start + seconds, split.fit[1])
     st = settings or CalibrationSettings(steps=steps)
     t0 = time.perf_counter()
-    dec = fit_units(decoder, session, output, (start, stop), st, show_bar=True)
+    if seconds <= 0:  # zero-shot: the rates of the first minute's spikes (no labels) only
+        dec = zero_shot(decoder, session, output, st.warm_start, (start, start + 60.0))
+    else:
+        dec = fit_units(decoder, session, output, (start, stop), st, show_bar=True)
     wall = time.perf_counter() - t0
     report: dict[str, Any] = {
         "session": session.session_id,
-        "seconds": stop - start,
+        "seconds": max(stop - start, 0.0),
         "output": output,
         "r2": score_span(dec, session, output, split.test),
         "wall_s": wall,
+        "warm_start": dec.info.get("warm_start"),
     }
     if baselines:
         from bci_decoder.baselines import evaluate_baselines
 
-        same = evaluate_baselines(session, output, (start, stop), split.test, ("wiener", "gru"))
         full = evaluate_baselines(session, output, split.fit, split.test, ("wiener", "gru"))
-        report |= {
-            "wiener_same_seconds": same["wiener"]["r2"],
-            "wiener_full": full["wiener"]["r2"],
-            "gru_same_seconds": same["gru"]["r2"],
-            "gru_full": full["gru"]["r2"],
-        }
+        report |= {"wiener_full": full["wiener"]["r2"], "gru_full": full["gru"]["r2"]}
+        if seconds > 0:
+            same = evaluate_baselines(session, output, (start, stop), split.test, ("wiener", "gru"))
+            report |= {
+                "wiener_same_seconds": same["wiener"]["r2"],
+                "gru_same_seconds": same["gru"]["r2"],
+            }
     return report, dec

@@ -128,12 +128,24 @@ def calibrate(
     model: Annotated[Path, typer.Option(help="Pretrained model folder")] = DEFAULT_MODEL,
     data: Annotated[Path, typer.Option(help="NWB file of the new session")] = ...,
     seconds: Annotated[
-        float, typer.Option(help="Labelled seconds from the start of the training part")
+        float,
+        typer.Option(
+            help="Labelled seconds from the start of the training part; 0: zero-shot, a new "
+            "day of a known subject decoded from its earlier days' tables, nothing fitted"
+        ),
     ] = 60.0,
     output: Annotated[
-        str | None, typer.Option(help="Behaviour to decode (default hand_vel, else force)")
+        str | None,
+        typer.Option(help="Behaviour to decode (default hand_vel, else cursor_pos, else force)"),
     ] = None,
     steps: Annotated[int, typer.Option(help="Optimisation steps")] = 150,
+    warm_start: Annotated[
+        str,
+        typer.Option(
+            help="A known subject's new day starts each unit from the same channel on its "
+            "most recent earlier day: name | name+rate (rates within 2x too) | off"
+        ),
+    ] = "name",
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the report JSON here")
     ] = None,
@@ -143,17 +155,40 @@ def calibrate(
     baselines: Annotated[
         bool, typer.Option(help="Also fit Wiener and GRU on the same and full data")
     ] = True,
+    labels: Annotated[
+        str,
+        typer.Option(
+            help="behavior: fit to the behaviour; none: label-free, the masked objective "
+            "on the spikes alone (a model trained with mtm; scored if the file has behaviour)"
+        ),
+    ] = "behavior",
 ) -> None:
-    """Unit identification: fit new unit and session embeddings, everything else frozen."""
-    from bci_decoder.calibrate import calibrate_report
+    """Unit identification: fit new unit and session embeddings, everything else frozen.
 
+    Scored on the last 30% of the session, next to a Wiener filter and a causal GRU fitted
+    on the same seconds and on the full first 70%."""
+    from bci_decoder.calibrate import CalibrationSettings, calibrate_report
+
+    if warm_start not in ("name", "name+rate", "off"):
+        _fail(f"--warm-start must be name, name+rate or off, not {warm_start!r}")
+    if seconds < 0:
+        _fail("--seconds must be >= 0")
     dec = _load_decoder(model)
     sessions = _load_sessions(data)
     if len(sessions) != 1:
         _fail("--data must be one NWB file")
+    if labels != "behavior":
+        if labels != "none":
+            _fail(f"--labels must be 'behavior' or 'none', not {labels!r}")
+        return _calibrate_label_free(dec, sessions[0], seconds, output, steps, json_out, save)
     try:
         report, calibrated = calibrate_report(
-            dec, sessions[0], seconds=seconds, output=output, steps=steps, baselines=baselines
+            dec,
+            sessions[0],
+            seconds=seconds,
+            output=output,
+            baselines=baselines,
+            settings=CalibrationSettings(steps=steps, warm_start=warm_start),  # type: ignore[arg-type]
         )
     except ValueError as e:
         _fail(str(e))
@@ -164,6 +199,66 @@ def calibrate(
     if save:
         calibrated.save(save)
         typer.echo(f"calibrated model saved to {save}")
+
+
+def _calibrate_label_free(dec, session, seconds, output, steps, json_out, save) -> None:
+    from bci_decoder.calibrate_unsupervised import calibrate_report_unsupervised
+
+    try:
+        report, calibrated = calibrate_report_unsupervised(
+            dec, session, seconds=seconds, output=output, steps=steps
+        )
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(json.dumps(report, indent=1))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=1))
+    if save:
+        calibrated.save(save)
+        typer.echo(f"calibrated model saved to {save}")
+
+
+@app.command("evaluate-ssl")
+def evaluate_ssl(
+    model: Annotated[
+        list[str], typer.Option(help="NAME=FOLDER of a model with an MtM head (repeatable)")
+    ] = ...,
+    data: Annotated[Path | None, typer.Option(help="NWB file or folder of NWB files")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Training config whose sessions to score (e.g. simulated)")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write results JSON here")] = None,
+    max_windows: Annotated[int, typer.Option(help="Test windows per session, at most")] = 120,
+    smoothing: Annotated[bool, typer.Option(help="Also score the smoothing baseline")] = True,
+) -> None:
+    """Masked reconstruction in bits per spike on each session's last 30%: co-smoothing
+    (20% of units held out), forward prediction (last 200 ms), region prediction."""
+    from bci_decoder.ssl_eval import SSLEvalSettings, format_table
+    from bci_decoder.ssl_eval import evaluate_ssl as run
+
+    models = {}
+    for item in model:
+        name, _, folder = item.rpartition("=")
+        models[name or Path(folder).name] = _load_decoder(Path(folder))
+    if (data is None) == (config is None):
+        _fail("give exactly one of --data (NWB) or --config (a training config's sessions)")
+    if data is not None:
+        sessions = _load_sessions(data)
+    else:
+        from bci_decoder.config import load_train_config
+        from bci_decoder.train.loop import gather_sessions
+
+        sessions = gather_sessions(load_train_config(config))
+    try:
+        report = run(models, sessions, SSLEvalSettings(max_windows=max_windows), smoothing)
+    except (KeyError, ValueError) as e:
+        _fail(str(e).strip("'\""))
+    typer.echo(format_table(report))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=1))
+        typer.echo(f"wrote {json_out}")
 
 
 @app.command()
@@ -190,7 +285,9 @@ def serve(
     config: Annotated[
         Path | None, typer.Option(help="Daemon config YAML (default: configs/serve.yaml)")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="Override the model (name or path)")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Override the model (a name in models_dir)")
+    ] = None,
     port: Annotated[int | None, typer.Option(help="Override the REST port")] = None,
     cadence: Annotated[float | None, typer.Option(help="Override cadence_hz")] = None,
     autostart: Annotated[
@@ -206,9 +303,15 @@ def serve(
 
     from bci_decoder.api.app import create_app
     from bci_decoder.config import load_serve_config
+    from bci_decoder.runtime.daemon import Daemon, DaemonError, bind_port
 
     default = Path("configs/serve.yaml")
-    path = config or (default if default.exists() else None)
+    if config is None and not default.exists():
+        _fail(
+            f"no config: {default} is not in {Path.cwd()}; pass --config FILE (the "
+            "repository's configs/serve.yaml is a template)"
+        )
+    path = config or default
     overrides: dict = {}
     for key, value in (("model", model), ("api.port", port), ("cadence_hz", cadence),
                        ("autostart", autostart)):  # fmt: skip
@@ -216,14 +319,16 @@ def serve(
             overrides[key] = value
     try:
         cfg = load_serve_config(path, overrides)
-        api = create_app(cfg)
-    except (FileNotFoundError, ValueError) as e:
+        sock = bind_port(cfg.api.host, cfg.api.port)  # a busy port fails now, not after start-up
+        api = create_app(cfg, Daemon(cfg))
+    except (FileNotFoundError, ValueError, DaemonError, OSError) as e:
         _fail(str(e))
     typer.echo(
         f"bci-decoder serve: model {cfg.model}, {cfg.cadence_hz:g} Hz, REST on "
-        f"http://{cfg.api.host}:{cfg.api.port} (docs at /docs)"
+        f"http://{cfg.api.host}:{sock.getsockname()[1]} (docs at /docs)"
     )
-    uvicorn.run(api, host=cfg.api.host, port=cfg.api.port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(api, log_level="warning"))
+    server.run(sockets=[sock])
 
 
 @app.command()

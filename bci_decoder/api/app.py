@@ -13,7 +13,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from bci_decoder.api.routes import calibrations, control
+from bci_decoder.api.routes import calibrations, control, page
 from bci_decoder.config import ServeConfig
 from bci_decoder.runtime.daemon import Daemon, DaemonError
 
@@ -83,4 +83,5 @@ def create_app(cfg: ServeConfig, daemon: Daemon | None = None) -> FastAPI:
 
     app.include_router(control.router)
     app.include_router(calibrations.router)
+    app.include_router(page.router)
     return app

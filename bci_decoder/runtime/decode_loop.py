@@ -145,6 +145,12 @@ class DecodeLoop(threading.Thread):
             return True
         return self._swapped.wait(wait)
 
+    @property
+    def last_output(self) -> np.ndarray:
+        """A copy of the last value sent (D,), for watchers on other threads (the page's
+        feed): a read of two floats the loop may be rewriting, never a wait for it."""
+        return self._last.copy()
+
     # ---------------------------------------------------------------- loop
     def _sleep_until(self, deadline: float) -> None:
         rest = deadline - lsl_clock() - self.spin

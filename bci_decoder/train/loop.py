@@ -22,8 +22,12 @@ from bci_decoder.decode import CAUSAL_KEYS, WINDOW_KEYS, decode_causal, to_torch
 from bci_decoder.metrics import r2_score
 from bci_decoder.model.poyo import POYO
 from bci_decoder.model.vocab import UnitVocab, Vocab, unit_key
+from bci_decoder.subjects import session_unit_rates
 from bci_decoder.train.checkpoint import Decoder, Normalizer
 from bci_decoder.train.data import BatchSampler, SessionSource
+from bci_decoder.train.objectives import MtMObjective, masked_mse, unlabelled_sessions
+
+__all__ = ["build_decoder", "gather_sessions", "masked_mse", "train", "validate"]
 
 
 def gather_sessions(cfg: TrainConfig) -> list[Session]:
@@ -47,15 +51,30 @@ def gather_sessions(cfg: TrainConfig) -> list[Session]:
     return sessions
 
 
-def build_decoder(cfg: TrainConfig, sessions: list[Session]) -> tuple[Decoder, list[SessionSource]]:
-    """Fresh model with vocabularies and normalisers for ``sessions``."""
-    units = UnitVocab(unit_key(s.session_id, u) for s in sessions for u in s.unit_ids)
-    svocab = Vocab(s.session_id for s in sessions)
+def pretraining_unit_rates(sessions: list[Session], cfg: TrainConfig) -> dict[str, float]:
+    """Each pretraining unit's firing rate (Hz) over its session's training part."""
+    rates: dict[str, float] = {}
+    for s in sessions:
+        rates |= session_unit_rates(s, time_split(s, cfg.data.train_fraction).train)
+    return rates
+
+
+def build_decoder(
+    cfg: TrainConfig, sessions: list[Session], unlabelled: list[Session] | None = None
+) -> tuple[Decoder, list[SessionSource]]:
+    """Fresh model with vocabularies and normalisers for ``sessions``.
+
+    ``unlabelled`` sessions (masked objective only) get units and a session row after the
+    labelled ones; with ``mtm.enabled`` the model has its masked readout (MtMHead)."""
+    every = sessions + list(unlabelled or [])
+    units = UnitVocab(unit_key(s.session_id, u) for s in every for u in s.unit_ids)
+    svocab = Vocab(s.session_id for s in every)
     outputs: dict[str, int] = {}
     for s in sessions:
         name = s.default_output()
         outputs.setdefault(name, s.behavior[name].dim)
-    model = POYO(cfg.model, num_units=len(units), num_sessions=len(svocab), outputs=outputs)
+    mcfg = cfg.model.model_copy(update={"mtm_head": True}) if cfg.mtm.enabled else cfg.model
+    model = POYO(mcfg, num_units=len(units), num_sessions=len(svocab), outputs=outputs)
     norms: dict[str, dict[str, Normalizer]] = {}
     sources = []
     for s in sessions:
@@ -92,15 +111,6 @@ def warm_start(decoder: Decoder, folder: Path) -> None:
     if prev.sessions.to_list() != decoder.sessions.to_list():
         raise ValueError(f"init model {folder} has other sessions than this config selects")
     decoder.model.load_state_dict(prev.model.state_dict())
-
-
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over each sample's valid entries, then over samples, so that equal shards of a
-    batch average to the whole batch's loss (DDP equivalence)."""
-    pred = pred[..., : target.shape[-1]]
-    m = mask.float()
-    per_sample = ((pred - target) ** 2 * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp(min=1)
-    return per_sample.mean()
 
 
 def lr_at(step: int, total: int, base: float, warmup: float) -> float:
@@ -146,7 +156,10 @@ def train(
     np.random.seed(cfg.seed)
     out = Path(cfg.out)
     sessions = gather_sessions(cfg)
-    decoder, sources = build_decoder(cfg, sessions)
+    extra = unlabelled_sessions(cfg) if cfg.mtm.enabled and cfg.mtm.unlabelled else []
+    if distributed and cfg.mtm.enabled:
+        raise ValueError("mtm.enabled is not supported under torchrun yet: train on one process")
+    decoder, sources = build_decoder(cfg, sessions, extra)
     decoder.info = {
         "train_config": cfg.model_dump(),
         "sessions": [s.session_id for s in sessions],
@@ -155,6 +168,7 @@ def train(
         "session_meta": {
             s.session_id: {"subject": s.subject, "recorded_at": s.recorded_at} for s in sessions
         },
+        "unit_rates": pretraining_unit_rates(sessions, cfg),
     }
     model = decoder.model
     if cfg.init:
@@ -177,6 +191,7 @@ def train(
         seed=cfg.seed,
         modes=tuple(cfg.modes),
     )
+    mtm = MtMObjective(decoder, cfg, sessions + extra) if cfg.mtm.enabled else None
     is_main = rank == 0
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -198,8 +213,16 @@ def train(
         tb = to_torch(batch, keys)
         target = torch.from_numpy(batch["target"])
         tmask = torch.from_numpy(batch["target_mask"])
-        pred = ddp_model(mode=mode, **tb)
-        loss = masked_mse(pred, target, tmask)
+        if mtm is not None and cfg.mtm.supervised_weight == 0:
+            loss = torch.zeros(())  # the masked objective alone: no supervised forward
+        else:
+            pred = ddp_model(mode=mode, **tb)
+            loss = masked_mse(pred, target, tmask)
+        record = {}
+        if mtm is not None:  # the masked objective mixed in, one window-mode batch a step
+            scheme, mtm_loss = mtm.loss(model, step)
+            record = {"mtm_scheme": scheme, "mtm_loss": float(mtm_loss.detach())}
+            loss = cfg.mtm.supervised_weight * loss + cfg.mtm.weight * mtm_loss
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.optim.steps, cfg.optim.lr, cfg.optim.warmup)
         opt.zero_grad(set_to_none=True)
@@ -219,6 +242,7 @@ def train(
                         "loss": float(loss.detach()),
                         "t": round(time.time() - t0, 2),
                     }
+                    | record
                 )
                 + "\n"
             )
