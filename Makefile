@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps nlb-tools==0.0.4  # test-only; see pyproject dev
+	# falcon-challenge's evaluator, without dandi and its ~70 packages (pyproject dev)
+	$(BIN)/pip install -q --no-deps falcon-challenge==1.0.2
+	# the page's browser test drives Debian's Chromium (no playwright browser download)
+	command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -q && \
+	  apt-get install -y -q chromium; } || echo "no chromium: tests/test_page.py will skip"
 	touch $(STAMP)
 
 venv: $(STAMP)
