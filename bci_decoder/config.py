@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bci_decoder.data.simulate import SimConfig
+from bci_decoder.model.masking import SCHEMES as MTM_SCHEMES
 from bci_decoder.model.poyo import POYOConfig
 
 
@@ -47,6 +48,38 @@ class OptimConfig(BaseModel):
     grad_clip: float = 1.0
 
 
+class MtMSettings(BaseModel):
+    """The masked objective (MtM) mixed into training; off by default.
+
+    Each step adds ``weight`` x the masked Poisson NLL of one window-mode batch (scheme drawn
+    per batch with ``schemes`` weights) to ``supervised_weight`` x the supervised loss.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    weight: float = Field(1.0, ge=0)
+    supervised_weight: float = Field(1.0, ge=0)
+    bin_width: float = Field(0.02, gt=0)  # s; 20 ms for spike times, the source bin if binned
+    window: float | None = None  # s of each masked window; None: the model's context
+    schemes: dict[str, float] = Field(
+        default_factory=lambda: {s: 1.0 for s in MTM_SCHEMES}
+    )  # scheme -> sampling weight
+    mask_ratio: float = Field(0.3, gt=0, lt=1)  # units or bins hidden by neuron/temporal/intra
+    forward_s: float = Field(0.2, gt=0)  # s hidden at each window's end by ``causal``
+    batch_size: int = Field(16, ge=1)
+    unlabelled: bool = True  # sessions without behaviour join the masked objective only
+
+    @model_validator(mode="after")
+    def _known(self) -> MtMSettings:
+        unknown = sorted(set(self.schemes) - set(MTM_SCHEMES))
+        if unknown:
+            raise ValueError(f"unknown mtm schemes {unknown}; known: {list(MTM_SCHEMES)}")
+        if not any(w > 0 for w in self.schemes.values()):
+            raise ValueError("mtm.schemes needs at least one scheme with a positive weight")
+        return self
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -54,6 +87,7 @@ class TrainConfig(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig)
     sampler: SamplerSettings = Field(default_factory=SamplerSettings)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    mtm: MtMSettings = Field(default_factory=MtMSettings)
     modes: list[Literal["causal", "window"]] = Field(default_factory=lambda: ["causal", "window"])
     eval_every: int = 250  # steps per "epoch": validation R² and a checkpoint
     eval_seconds: float = 60.0  # at most this much of each validation tail is decoded

@@ -23,6 +23,12 @@ correspondence between sessions). The model, per session:
   deleting every spike within ``refractory_s`` of the previous kept spike. The input
   rate is raised by 1/(1 - λ·τ_ref) so the output rate stays ≈ λ.
 
+**Regions** (``num_regions`` > 1, default 1): units are split into contiguous blocks, one
+per brain area (``M1``, ``PMd``, ``S1``, ...). Every region shares the behaviour tuning and
+nuisance latent 0; latent j >= 1 belongs to region (j - 1) mod R only, so a region's
+private variability can be predicted from its own units but not from other regions (what
+the intra- and inter-region masking schemes of MtM tell apart).
+
 Every random draw comes from a stream seeded by ``(seed, session index, purpose)``, so a
 seed gives byte-identical sessions, and e.g. changing the unit count leaves the hand
 trajectory unchanged.
@@ -79,6 +85,7 @@ class SimConfig(BaseModel):
     num_latents: int = Field(3, ge=0)  # shared nuisance factors
     latent_strength: float = Field(0.5, ge=0)  # s.d. of each unit's latent log-rate term
     latent_tau_s: float = Field(0.3, gt=0)
+    num_regions: int = Field(1, ge=1)  # brain areas (see "Regions"); 1: every unit in M1
 
     # Behaviour
     target_radius_cm: float = Field(10.0, gt=0)  # center-out target distance
@@ -162,7 +169,27 @@ def sample_units(cfg: SimConfig, index: int) -> SimUnits:
     pos_w = pos_gain[:, None] * np.stack([np.cos(pos_angle), np.sin(pos_angle)], 1)
     k = cfg.num_latents
     loading = rng.normal(0.0, cfg.latent_strength / np.sqrt(max(k, 1)), (n, k))
+    if cfg.num_regions > 1:  # after every draw, so one region leaves the units unchanged
+        region = unit_regions(n, cfg.num_regions)
+        owner = (np.arange(k) - 1) % cfg.num_regions  # latent j >= 1 -> its region
+        private = region[:, None] == owner[None, :]
+        private[:, 0] = True  # latent 0 is shared
+        loading = np.where(private, loading, 0.0)
     return SimUnits(baseline, pd, depth, speed, pos_w, loading)
+
+
+_AREAS = ("M1", "PMd", "S1", "PPC", "SMA", "V1")
+
+
+def unit_regions(num_units: int, num_regions: int) -> np.ndarray:
+    """(U,) region of each unit: contiguous blocks of near-equal size."""
+    return (np.arange(num_units) * num_regions) // num_units
+
+
+def region_names(num_units: int, num_regions: int) -> list[str]:
+    """Brain area of each unit (``M1`` for all with one region)."""
+    names = [_AREAS[r] if r < len(_AREAS) else f"area{r}" for r in range(num_regions)]
+    return [names[r] for r in unit_regions(num_units, num_regions)]
 
 
 # ----------------------------------------------------------------------------- behaviour
@@ -428,7 +455,9 @@ def simulate_session(cfg: SimConfig, index: int) -> Session:
         "target_id": trials["target_id"][keep],
     }
     task = cfg.session_task(index)
-    params = cfg.model_dump(mode="json", exclude={"num_sessions"})
+    # num_regions only where used: single-region sessions keep their description
+    skip = {"num_sessions"} | ({"num_regions"} if cfg.num_regions == 1 else set())
+    params = cfg.model_dump(mode="json", exclude=skip)
     description = (
         f"Simulated M1 session (bci_decoder.data.simulate), not a recording: "
         f"index {index}, task {task}, {units.num_units} units, "
@@ -441,7 +470,7 @@ def simulate_session(cfg: SimConfig, index: int) -> Session:
         spike_times=start + times,
         spike_units=spike_units,
         unit_ids=[f"u{i:03d}" for i in range(units.num_units)],
-        brain_areas=["M1"] * units.num_units,
+        brain_areas=region_names(units.num_units, cfg.num_regions),
         behavior={
             "hand_vel": Behavior("hand_vel", stamps, vel, "cm/s"),
             "hand_pos": Behavior("hand_pos", stamps, pos, "cm"),

@@ -17,6 +17,10 @@ Modes (see ARCHITECTURE "Two model modes"):
   finished groups before it. A finished group never changes, so its states are cached
   between chunks (``CausalCache``): training, chunked evaluation and the streaming engine
   compute the same function.
+
+Masked self-supervision (MtM, ``mtm_head``): ``forward_mtm`` reads log-rates of (unit, bin)
+pairs out of window-mode latents (``MtMHead``); absent unless the config enables it, so
+models without it load and compute exactly as before.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from bci_decoder.model.masking import SCHEMES
 from bci_decoder.model.rotary import rotary_periods, rotary_phases, rotate, unrotate
 
 
@@ -50,6 +55,8 @@ class POYOConfig(BaseModel):
     max_period: float = 8.0
     rotary_fraction: float = 0.5  # share of each head's channels that carry time
     rotate_values: bool = True  # encoder values carry each spike's time relative to its latent
+    # the masked-reconstruction readout (MtMHead); off: no such parameters exist
+    mtm_head: bool = False
 
     @property
     def context_groups(self) -> int:
@@ -159,6 +166,8 @@ class POYO(nn.Module):
             rotary_periods(freqs(c.dim_head), c.min_period, c.max_period),
             persistent=False,
         )
+        # created last, so the supervised weights draw the same initial values either way
+        self.mtm = MtMHead(c, freqs(c.dim_head)) if c.mtm_head else None
 
     # ------------------------------------------------------------------ helpers
     def phases(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,6 +209,7 @@ class POYO(nn.Module):
         spike_mask: torch.Tensor,
         unit_sum: torch.Tensor,
         elapsed: torch.Tensor,
+        extra: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Latent groups attend to their spikes.
 
@@ -207,12 +217,14 @@ class POYO(nn.Module):
         spike keys/values, mask (B, G, S); or (B, 1, S, ...) when every group sees the same
         spikes (window mode). unit_sum (B, G, D): sum of the unit embeddings of the
         group's own spikes; elapsed (B, G): seen fraction of the group's step, in (0, 1].
-        Returns latents (B, G, n, D).
+        extra (B, G, D): added to every latent's start (the MtM prompt and masked-unit
+        marker); None adds nothing. Returns latents (B, G, n, D).
         """
         attn = self.enc_attn
-        x = self.latent_emb + (
-            self.count_proj(unit_sum) + elapsed.unsqueeze(-1) * self.elapsed_emb
-        ).unsqueeze(2)  # (B, G, n, D)
+        start = self.count_proj(unit_sum) + elapsed.unsqueeze(-1) * self.elapsed_emb
+        if extra is not None:
+            start = start + extra
+        x = self.latent_emb + start.unsqueeze(2)  # (B, G, n, D)
         qc, qs = q_phases[0].unsqueeze(2), q_phases[1].unsqueeze(2)  # (B, G, 1, Dh/2)
         q_plain = attn.query(x)  # (B, G, n, H, Dh)
         q = rotate(q_plain, qc, qs)
@@ -267,7 +279,9 @@ class POYO(nn.Module):
             return self.forward_causal(**batch)[0]
         if mode == "window":
             return self.forward_window(**batch)
-        raise ValueError(f"mode must be 'causal' or 'window', not {mode!r}")
+        if mode == "mtm":
+            return self.forward_mtm(**batch)
+        raise ValueError(f"mode must be 'causal', 'window' or 'mtm', not {mode!r}")
 
     # ------------------------------------------------------------------ causal
     def forward_causal(
@@ -398,10 +412,29 @@ class POYO(nn.Module):
         """Window mode. spike_* (B, N); latent_time (B, K); query_time (B, Q) -> (B, Q, Dmax).
 
         ``query_mask`` is accepted with the batch; the loss masks padded queries."""
+        B, Q = query_time.shape
+        x, t = self.window_latents(spike_unit, spike_time, spike_mask, latent_time)
+        y = self.session_emb(session)[:, None] + self.output_emb(output)[:, None]
+        y = y.expand(B, Q, -1)
+        dbias = self.attention_bias(self.dec_attn, query_time, t, None)
+        y = y + self._attend(self.dec_attn, y, query_time, x, t, dbias)
+        y = y + self.dec_ffn(y)
+        return self.readout(y, output)
+
+    def window_latents(
+        self,
+        spike_unit: torch.Tensor,
+        spike_time: torch.Tensor,
+        spike_mask: torch.Tensor,
+        latent_time: torch.Tensor,
+        extra: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Window-mode encoder and processor: latents (B, K·n, D) and their times (B, K·n).
+
+        ``extra`` (B, K, D) is added to each group's latent start (see ``encode``)."""
         c = self.config
         n = c.latents_per_group
         B, K = latent_time.shape
-        Q = query_time.shape[1]
         # every latent group sees every spike: the spikes broadcast over the K groups
         k, v = self.spike_keys(spike_unit[:, None], spike_time[:, None])  # (B, 1, N, H, Dh)
         # each latent group's own spikes, (tau - s, tau], for the count path
@@ -420,6 +453,7 @@ class POYO(nn.Module):
             spike_mask[:, None],
             unit_sum,
             torch.ones_like(latent_time).float(),
+            extra,
         )  # (B, K, n, D)
         x = lat.flatten(1, 2)
         t = latent_time.repeat_interleave(n, 1)
@@ -428,12 +462,47 @@ class POYO(nn.Module):
         for layer in range(c.depth):
             x = x + self._attend(self.self_attn[layer], x, t, x, t, bias, phases)
             x = x + self.self_ffn[layer](x)
-        y = self.session_emb(session)[:, None] + self.output_emb(output)[:, None]
-        y = y.expand(B, Q, -1)
-        dbias = self.attention_bias(self.dec_attn, query_time, t, None)
-        y = y + self._attend(self.dec_attn, y, query_time, x, t, dbias)
-        y = y + self.dec_ffn(y)
-        return self.readout(y, output)
+        return x, t
+
+    # ------------------------------------------------------------------ masked (MtM)
+    def forward_mtm(
+        self,
+        *,
+        spike_unit: torch.Tensor,
+        spike_time: torch.Tensor,
+        spike_mask: torch.Tensor,
+        latent_time: torch.Tensor,
+        session: torch.Tensor,
+        mtm_units: torch.Tensor,
+        mtm_marker: torch.Tensor,
+        mtm_bin_time: torch.Tensor,
+        mtm_scheme: torch.Tensor,
+        **_: torch.Tensor,
+    ) -> torch.Tensor:
+        """Log-rates (Hz) of (unit, bin) pairs from window-mode latents: (B, U, T).
+
+        spike_* (B, N): the spikes left visible (a scheme removed the hidden ones);
+        latent_time (B, K); mtm_units (B, U) vocabulary index of the units read out;
+        mtm_marker (B, K, U): share of group k's span in which unit u is hidden, so a hidden
+        unit is told apart from a silent one; mtm_bin_time (B, T) bin centres; mtm_scheme (B,)
+        index into ``SCHEMES`` (the prompt). Other batch entries are ignored.
+        """
+        head = self.mtm
+        if head is None:
+            raise ValueError("this model has no MtM head (train it with mtm.enabled: true)")
+        unit_e = self.unit_emb(mtm_units)  # (B, U, D)
+        prompt = head.prompt_emb(mtm_scheme)  # (B, D)
+        extra = head.marker_proj(mtm_marker @ unit_e) + prompt[:, None]  # (B, K, D)
+        x, t = self.window_latents(spike_unit, spike_time, spike_mask, latent_time, extra)
+        y = (head.query_emb + prompt + self.session_emb(session))[:, None]  # (B, 1, D)
+        y = y.expand(-1, mtm_bin_time.shape[1], -1)  # (B, T, D)
+        bias = self.attention_bias(head.attn, mtm_bin_time, t, None)
+        y = y + self._attend(head.attn, y, mtm_bin_time, x, t, bias)
+        y = head.norm(y + head.ffn(y))
+        r = head.unit_out(unit_e)  # (B, U, D+1): readout direction and log-rate offset
+        d = y.shape[-1]
+        log_rate = torch.einsum("btd,bud->but", y, r[..., :d]) * d**-0.5
+        return log_rate + r[..., d:] + head.log_rate0  # (B, U, T)
 
     # ------------------------------------------------------------------ vocabularies
     def extend_units(self, count: int) -> None:
@@ -442,6 +511,30 @@ class POYO(nn.Module):
 
     def extend_sessions(self, count: int) -> None:
         self.session_emb = _grow(self.session_emb, count)
+
+
+class MtMHead(nn.Module):
+    """Parameters of the masked-reconstruction readout (factorised unit x time).
+
+    A bin query (learned vector + scheme prompt + session embedding, rotated at the bin
+    centre) cross-attends to the latents; a unit's log-rate in that bin is the dot product
+    of the result with a projection of the unit's embedding, plus a per-unit offset from the
+    same embedding. The unit table is the encoder's, so fitting a new session's embeddings
+    by this objective alone moves the same rows the behaviour heads read through.
+    """
+
+    def __init__(self, c: POYOConfig, num_freqs: int) -> None:
+        super().__init__()
+        self.prompt_emb = nn.Embedding(len(SCHEMES), c.dim)
+        nn.init.normal_(self.prompt_emb.weight, std=0.02)
+        self.marker_proj = nn.Linear(c.dim, c.dim)
+        self.query_emb = nn.Parameter(torch.zeros(c.dim))
+        self.attn = RotaryAttention(c.dim, c.cross_heads, c.dim_head, num_freqs)
+        self.ffn = FeedForward(c.dim, c.ffn_mult)
+        self.norm = nn.LayerNorm(c.dim)
+        self.unit_out = nn.Linear(c.dim, c.dim + 1)
+        # rates start near 10 Hz instead of 1 Hz: fewer steps spent on the mean
+        self.register_buffer("log_rate0", torch.tensor(math.log(10.0)), persistent=False)
 
 
 def _grow(emb: nn.Embedding, count: int) -> nn.Embedding:

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bci_decoder.config import SamplerSettings
+from bci_decoder.config import MtMSettings, SamplerSettings
 from bci_decoder.data.session import Session
+from bci_decoder.model.masking import collate_mtm, mask_window
 from bci_decoder.tokenizer import (
     collate_causal,
     collate_window,
@@ -138,3 +139,77 @@ class BatchSampler:
         sample.target = target.astype(np.float32)
         sample.target_mask = np.ones_like(sample.target, dtype=bool)
         return sample
+
+
+# ---------------------------------------------------------------- masked objective (MtM)
+@dataclass
+class MtMSource:
+    """One session as the masked objective sees it: spiking only, behaviour not needed."""
+
+    session: Session
+    session_index: int
+    unit_index: np.ndarray  # (U,) vocabulary index of each unit
+    span: tuple[float, float]  # time range masked windows come from
+
+    @property
+    def regions(self) -> np.ndarray:
+        """(U,) int code of each unit's brain area."""
+        return np.unique(np.asarray(self.session.brain_areas), return_inverse=True)[1]
+
+
+class MtMSampler:
+    """Masked windows for the MtM objective; every batch is a pure function of (seed, step).
+
+    One session and one scheme per batch (the scheme's prompt is the batch's)."""
+
+    def __init__(
+        self,
+        sources: list[MtMSource],
+        latent_step: float,
+        window: float,
+        settings: MtMSettings,
+        seed: int = 0,
+    ) -> None:
+        self.sources, self.latent_step, self.window = sources, latent_step, window
+        self.settings, self.seed = settings, seed
+        for s in sources:
+            if s.span[1] - s.span[0] <= window:
+                raise ValueError(
+                    f"session {s.session.session_id}: span shorter than one {window} s window"
+                )
+        durations = np.array([s.span[1] - s.span[0] for s in sources])
+        w = np.sqrt(durations)
+        self.weights = w / w.sum()
+        names = [k for k, v in settings.schemes.items() if v > 0]
+        p = np.array([settings.schemes[k] for k in names], dtype=np.float64)
+        self.schemes, self.scheme_p = names, p / p.sum()
+        self._regions = [s.regions for s in sources]
+
+    def batch(self, step: int) -> tuple[str, dict[str, np.ndarray]]:
+        rng = np.random.default_rng([self.seed, step, 23])
+        j = int(rng.choice(len(self.sources), p=self.weights))
+        scheme = str(rng.choice(self.schemes, p=self.scheme_p))
+        src = self.sources[j]
+        s = src.session
+        lo, hi = src.span
+        samples = []
+        for i in range(self.settings.batch_size):
+            r = np.random.default_rng([self.seed, step, i, 29])
+            t_end = float(r.uniform(lo + self.window, hi))
+            sample = mask_window(
+                s.spike_times,
+                s.spike_units,
+                src.unit_index,
+                self._regions[j],
+                t_end,
+                self.window,
+                self.latent_step,
+                self.settings.bin_width,
+                scheme,
+                r,
+                ratio=self.settings.mask_ratio,
+                forward_s=self.settings.forward_s,
+            )
+            sample.session = src.session_index
+            samples.append(sample)
+        return scheme, collate_mtm(samples)

@@ -1,0 +1,181 @@
+"""Training objectives: the supervised regression loss and the masked Poisson loss (MtM).
+
+Both average over each sample's valid entries first, then over samples, so equal shards
+of a batch average to the whole batch's loss (DDP equivalence).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from bci_decoder.config import MtMSettings, TrainConfig
+from bci_decoder.data.session import Session, time_split
+from bci_decoder.decode import to_torch
+from bci_decoder.model.masking import MTM_KEYS
+from bci_decoder.train.checkpoint import Decoder
+from bci_decoder.train.data import MtMSampler, MtMSource
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each sample's valid entries, then over samples, so that equal shards of a
+    batch average to the whole batch's loss (DDP equivalence)."""
+    pred = pred[..., : target.shape[-1]]
+    m = mask.float()
+    per_sample = ((pred - target) ** 2 * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp(min=1)
+    return per_sample.mean()
+
+
+def masked_poisson_nll(
+    log_rate: torch.Tensor, counts: torch.Tensor, scored: torch.Tensor, bin_width: float
+) -> torch.Tensor:
+    """Poisson NLL (nats per scored entry) of counts under rates exp(log_rate) Hz.
+
+    log_rate, counts, scored: (B, U, T). Entries that are not scored add nothing, so the
+    visible (unmasked) pairs never enter the loss. The log(k!) term is left out (it does
+    not depend on the model).
+    """
+    log_mu = log_rate + torch.log(torch.tensor(bin_width, dtype=log_rate.dtype))
+    nll = F.poisson_nll_loss(log_mu, counts, log_input=True, full=False, reduction="none")
+    m = scored.to(nll.dtype)
+    per_sample = (nll * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp(min=1)
+    return per_sample.mean()
+
+
+class MtMObjective:
+    """The masked objective of a training run: its sampler and one batch's loss per step."""
+
+    def __init__(self, decoder: Decoder, cfg: TrainConfig, sessions: list[Session]) -> None:
+        self.settings = st = cfg.mtm
+        self.window = st.window or cfg.model.context
+        sources = []
+        for s in sessions:
+            split = time_split(s, cfg.data.train_fraction, cfg.data.valid_fraction)
+            sources.append(
+                MtMSource(
+                    session=s,
+                    session_index=decoder.sessions[s.session_id],
+                    unit_index=decoder.units.session_units(s.session_id, s.unit_ids),
+                    span=split.train,
+                )
+            )
+        self.sampler = MtMSampler(
+            sources, cfg.model.latent_step, self.window, st, seed=cfg.seed + 1_000_003
+        )
+
+    def loss(self, model: torch.nn.Module, step: int) -> tuple[str, torch.Tensor]:
+        scheme, batch = self.sampler.batch(step)
+        log_rate = model(mode="mtm", **to_torch(batch, MTM_KEYS))
+        return scheme, masked_poisson_nll(
+            log_rate,
+            torch.from_numpy(batch["mtm_counts"]),
+            torch.from_numpy(batch["mtm_scored"]),
+            self.settings.bin_width,
+        )
+
+
+def unlabelled_sessions(cfg: TrainConfig) -> list[Session]:
+    """The config's sessions that have no behaviour (the masked objective can use them)."""
+    from bci_decoder.data.nwb import load_sessions
+    from bci_decoder.data.simulate import simulate_sessions
+
+    sessions: list[Session] = []
+    for path in cfg.data.real:
+        sessions.extend(load_sessions(path))
+    if cfg.data.simulate is not None:
+        sessions.extend(simulate_sessions(cfg.data.simulate))
+    if cfg.data.include:
+        sessions = [s for s in sessions if s.session_id in cfg.data.include]
+    return [s for s in sessions if s.session_id not in cfg.data.exclude and not s.behavior]
+
+
+def attach_mtm_head(decoder: Decoder) -> Decoder:
+    """A copy of ``decoder`` with a fresh MtM head; every pretrained weight kept as is."""
+    from bci_decoder.model.poyo import POYO
+
+    if decoder.model.mtm is not None:
+        return decoder.clone()
+    old = decoder.model
+    cfg = old.config.model_copy(update={"mtm_head": True})
+    model = POYO(
+        cfg,
+        num_units=old.unit_emb.num_embeddings,
+        num_sessions=old.session_emb.num_embeddings,
+        outputs=old.output_dims,
+    )
+    load_without_mtm(model, old.state_dict())
+    dec = decoder.clone()
+    dec.model = model
+    return dec
+
+
+def load_without_mtm(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a state that may lack the MtM head's weights (a model trained without it);
+    any other missing or unexpected key is an error."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    other = [k for k in missing if not k.startswith("mtm.")]
+    if other or unexpected:
+        raise ValueError(f"state does not fit the model: missing {other}, unexpected {unexpected}")
+
+
+def train_mtm_head(
+    decoder: Decoder,
+    sessions: list[Session],
+    settings: MtMSettings,
+    steps: int,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[Decoder, list[float]]:
+    """Fit only the MtM head of ``decoder`` (every other weight frozen) on the training
+    parts of ``sessions`` (known to the model): a supervised model learns to reconstruct
+    spiking without its behaviour readout moving. Returns the decoder and the losses."""
+    from tqdm import tqdm
+
+    dec = attach_mtm_head(decoder)
+    model = dec.model
+    window = settings.window or dec.config.context
+    sources = [
+        MtMSource(
+            session=s,
+            session_index=dec.sessions[s.session_id],
+            unit_index=dec.units.session_units(s.session_id, s.unit_ids),
+            span=time_split(s).train,
+        )
+        for s in sessions
+    ]
+    sampler = MtMSampler(sources, dec.config.latent_step, window, settings, seed=seed)
+    head = list(model.mtm.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in head:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(head, lr=lr, weight_decay=0.01)
+    losses = []
+    model.train()
+    for step in tqdm(range(steps), desc="mtm head", disable=not progress, dynamic_ncols=True):
+        for g in opt.param_groups:  # warm-up 5%, then cosine
+            w = min(1.0, (step + 1) / max(1, 0.05 * steps))
+            g["lr"] = lr * w * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        scheme, batch = sampler.batch(step)
+        log_rate = model(mode="mtm", **to_torch(batch, MTM_KEYS))
+        loss = masked_poisson_nll(
+            log_rate,
+            torch.from_numpy(batch["mtm_counts"]),
+            torch.from_numpy(batch["mtm_scored"]),
+            settings.bin_width,
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    dec.info = dict(dec.info) | {
+        "train_config": dict(dec.info.get("train_config", {}))
+        | {"mtm": settings.model_dump() | {"enabled": True, "head_only_steps": steps}}
+    }
+    return dec, losses
