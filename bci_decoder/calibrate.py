@@ -175,7 +175,6 @@ def fit_units(
         dec = add_session(decoder, session, output, norm, warm)
     model = dec.model
     sid = session.session_id
-    unit_index = dec.units.session_units(sid, session.unit_ids)
     first_unit, first_session = len(decoder.units), len(decoder.sessions)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -203,30 +202,7 @@ def fit_units(
             "session_emb.weight": torch.cat([session_table[:first_session], new_session]),
         }
 
-    src = SessionSource(
-        session=session,
-        session_index=dec.sessions[sid],
-        unit_index=unit_index,
-        output=output,
-        output_index=dec.output_index(output),
-        norm=norm,
-        span=span,
-    )
-    sampler = BatchSampler(
-        [src],
-        dec.config.latent_step,
-        dec.config.context,
-        SamplerSettings(
-            batch_size=_batch_size(session, span, dec.config.latent_step, st),
-            sequence=st.sequence,
-            burn_in=st.burn_in,
-            max_queries=st.max_queries,
-            window_fraction=0.0,
-            unit_dropout=st.unit_dropout,
-        ),
-        seed=st.seed,
-        modes=("causal",),
-    )
+    sampler = _block_sampler(dec, session, output, span, st)
     model.train()
     for step in tqdm(range(st.steps), desc="calibrate", disable=not show_bar, dynamic_ncols=True):
         _, batch = sampler.batch(step)
@@ -265,6 +241,131 @@ def fit_units(
     return dec
 
 
+@dataclass
+class SecondStage:
+    """The second stage of ``adapt``: the network's shared weights fine-tuned to the new
+    session on top of its identified units (POYO's recipe of unit identification, then
+    full fine-tuning), stopped early on the calibration block's held-out slice.
+
+    Unit and session embeddings stay as unit identification left them: only the shared
+    weights move, at a small learning rate, so a minute of data nudges the network
+    rather than re-learning it."""
+
+    steps: int = 80
+    lr: float = 2e-4
+    eval_every: int = 20
+    holdout: float = 0.2  # last fraction of the block that decides (and stops early)
+    min_gain: float = 0.01  # R² on the slice the second stage must add to be kept
+    weight_decay: float = 0.0
+
+
+def fine_tune(
+    dec: Decoder,
+    session: Session,
+    output: str,
+    span: tuple[float, float],
+    settings: CalibrationSettings,
+    stage: SecondStage,
+    steps: int,
+    eval_span: tuple[float, float] | None = None,
+) -> tuple[Decoder, list[tuple[int, float]]]:
+    """Fine-tune ``dec`` (which already knows ``session``) on ``span`` for ``steps``
+    steps; with ``eval_span``, also score it every ``stage.eval_every`` steps and return
+    the best of those models with the curve [(step, R²)] (step 0 = the input model)."""
+    dec = dec.clone()
+    model = dec.model
+    trainable = [
+        p for n, p in model.named_parameters() if n not in ("unit_emb.weight", "session_emb.weight")
+    ]
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in ("unit_emb.weight", "session_emb.weight"))
+    opt = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=stage.weight_decay)
+    sampler = _block_sampler(dec, session, output, span, settings)
+    curve: list[tuple[int, float]] = []
+    best: tuple[float, dict | None] = (-np.inf, None)
+    if eval_span is not None:
+        r = score_span(dec, session, output, eval_span)
+        curve.append((0, r))
+        best = (r, None)  # None: the input model itself
+    for step in range(steps):
+        model.train()
+        _, batch = sampler.batch(10_000 + step)  # other sequences than unit identification's
+        pred = model(mode="causal", **to_torch(batch, CAUSAL_KEYS))
+        loss = masked_mse(
+            pred, torch.from_numpy(batch["target"]), torch.from_numpy(batch["target_mask"])
+        )
+        warm = min(1.0, (step + 1) / 10)
+        for g in opt.param_groups:
+            g["lr"] = stage.lr * warm
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        if eval_span is not None and (step + 1) % stage.eval_every == 0:
+            model.eval()
+            r = score_span(dec, session, output, eval_span)
+            curve.append((step + 1, r))
+            if r > best[0]:
+                best = (r, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if eval_span is not None and best[1] is not None:
+        model.load_state_dict(best[1])
+    model.eval()
+    return dec, curve
+
+
+def adapt(
+    decoder: Decoder,
+    session: Session,
+    output: str,
+    span: tuple[float, float],
+    settings: CalibrationSettings | None = None,
+    stage: SecondStage | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Decoder, dict[str, Any]]:
+    """Few-shot adaptation that uses what the block offers.
+
+    1. Unit identification on the block's first 80%; its R² on the last 20% is the bar.
+    2. The second stage (``SecondStage``) from there, scored on the same 20% as it goes.
+    3. If the second stage beat the bar by ``min_gain``, the returned model is unit
+       identification on the whole block followed by the second stage for the number of
+       steps that scored best; otherwise unit identification on the whole block alone.
+
+    Returns the model and a report of the choice (slice R² of each stage, the curve)."""
+    st = settings or CalibrationSettings()
+    stage = stage or SecondStage()
+    say = progress or (lambda _msg: None)
+    cut = span[0] + (1.0 - stage.holdout) * (span[1] - span[0])
+    report: dict[str, Any] = {"second_stage": False}
+    if cut - span[0] > st.sequence + 0.5 and span[1] - cut >= 2.0:
+        say("unit identification on the first 80%")
+        first = fit_units(decoder, session, output, (span[0], cut), st)
+        say("second stage, scored on the last 20%")
+        _, curve = fine_tune(
+            first, session, output, (span[0], cut), st, stage, stage.steps, (cut, span[1])
+        )
+        bar = curve[0][1]
+        best_step, best_r2 = max(curve[1:] or curve, key=lambda c: c[1])
+        keep = best_r2 > bar + stage.min_gain
+        report |= {
+            "slice_r2_unit_identification": bar,
+            "slice_r2_second_stage": best_r2,
+            "second_stage_steps": best_step,
+            "curve": curve,
+            "second_stage": keep,
+        }
+    else:
+        report["reason"] = "block too short to hold a slice out: unit identification only"
+    say("unit identification on the whole block")
+    dec = fit_units(decoder, session, output, span, st)
+    if report["second_stage"]:
+        say("second stage on the whole block")
+        dec, _ = fine_tune(dec, session, output, span, st, stage, report["second_stage_steps"])
+    dec.info = dict(dec.info) | {"adapt": {k: v for k, v in report.items() if k != "curve"}}
+    return dec, report
+
+
 def zero_shot(
     decoder: Decoder,
     session: Session,
@@ -301,6 +402,37 @@ def zero_shot(
     return dec
 
 
+def _block_sampler(
+    dec: Decoder, session: Session, output: str, span: tuple[float, float], st: CalibrationSettings
+) -> BatchSampler:
+    """Causal training sequences from ``span`` of a session ``dec`` already knows."""
+    sid = session.session_id
+    src = SessionSource(
+        session=session,
+        session_index=dec.sessions[sid],
+        unit_index=dec.units.session_units(sid, session.unit_ids),
+        output=output,
+        output_index=dec.output_index(output),
+        norm=dec.norms[sid][output],
+        span=span,
+    )
+    return BatchSampler(
+        [src],
+        dec.config.latent_step,
+        dec.config.context,
+        SamplerSettings(
+            batch_size=_batch_size(session, span, dec.config.latent_step, st),
+            sequence=st.sequence,
+            burn_in=st.burn_in,
+            max_queries=st.max_queries,
+            window_fraction=0.0,
+            unit_dropout=st.unit_dropout,
+        ),
+        seed=st.seed,
+        modes=("causal",),
+    )
+
+
 def _batch_size(
     session: Session, span: tuple[float, float], step: float, st: CalibrationSettings
 ) -> int:
@@ -327,9 +459,12 @@ def calibrate_report(
     steps: int = 150,
     baselines: bool = True,
     settings: CalibrationSettings | None = None,
+    second_stage: bool = True,
 ) -> tuple[dict[str, Any], Decoder]:
     """The ``calibrate`` command: fit on the first ``seconds`` of the training part, score
-    the last 30%, next to Wiener and GRU fitted on the same seconds and on the full 70%."""
+    the last 30%, next to Wiener and GRU fitted on the same seconds and on the full 70%.
+    ``second_stage``: ``adapt`` (unit identification, then a fine-tune where the block's
+    held-out slice says it helps) instead of unit identification alone."""
     output = output or session.default_output()
     if output not in session.behavior:
         raise ValueError(f"the session has no behaviour {output!r}: {list(session.behavior)}")
@@ -340,6 +475,8 @@ def calibrate_report(
     t0 = time.perf_counter()
     if seconds <= 0:  # zero-shot: the rates of the first minute's spikes (no labels) only
         dec = zero_shot(decoder, session, output, st.warm_start, (start, start + 60.0))
+    elif second_stage:
+        dec, _ = adapt(decoder, session, output, (start, stop), st, progress=print)
     else:
         dec = fit_units(decoder, session, output, (start, stop), st, show_bar=True)
     wall = time.perf_counter() - t0
@@ -350,6 +487,7 @@ def calibrate_report(
         "r2": score_span(dec, session, output, split.test),
         "wall_s": wall,
         "warm_start": dec.info.get("warm_start"),
+        "adapt": dec.info.get("adapt"),
     }
     if baselines:
         from bci_decoder.baselines import evaluate_baselines

@@ -146,6 +146,13 @@ def calibrate(
             "most recent earlier day: name | name+rate (rates within 2x too) | off"
         ),
     ] = "name",
+    second_stage: Annotated[
+        bool,
+        typer.Option(
+            help="After unit identification, fine-tune the network where the block's last "
+            "20% says it helps (chosen automatically)"
+        ),
+    ] = True,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the report JSON here")
     ] = None,
@@ -189,6 +196,7 @@ def calibrate(
             output=output,
             baselines=baselines,
             settings=CalibrationSettings(steps=steps, warm_start=warm_start),  # type: ignore[arg-type]
+            second_stage=second_stage,
         )
     except ValueError as e:
         _fail(str(e))

@@ -1,0 +1,99 @@
+"""The measurements the transfer studies share (unit_identification.py, across_days.py).
+
+Each method is scored on a held-out session's last 30% (every prediction from spikes up to
+its own time); calibration and the baselines use the first S seconds of the first 70% or
+all of it. Results are cached per model and session under ``out/transfer_cache/`` so the
+two studies reuse each other's fits and an interrupted run picks up where it stopped.
+
+Methods:
+- ``zero_shot``: warm-started tables, nothing fitted (a known subject's new day only);
+- ``ui_S``: unit identification on S s, the product's default (warm start where the
+  subject is known); ``ui_cold_S``: the same with every unit starting at the mean;
+- ``adapt_S``: ``calibrate.adapt`` (unit identification, then a second stage where the
+  calibration block's held-out slice says it helps);
+- ``gru_S``, ``wiener_S``, ``gru_full``, ``wiener_full``: the baselines on the same span.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from bci_decoder.baselines import evaluate_baselines
+from bci_decoder.calibrate import CalibrationSettings, fit_units, score_span, zero_shot
+from bci_decoder.data.session import Session, time_split
+from bci_decoder.train.checkpoint import Decoder
+
+CACHE = Path(__file__).resolve().parents[1] / "out" / "transfer_cache"
+_METHOD = re.compile(r"^(zero_shot|ui|ui_cold|adapt|gru|wiener)(?:_(\d+|full))?$")
+
+
+def model_hash(folder: Path) -> str:
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()[:12]
+
+
+class Study:
+    """Scores of methods on held-out sessions of one model, cached on disk."""
+
+    def __init__(self, model: Path, cache: Path = CACHE) -> None:
+        torch.set_num_threads(1)  # as the REST calibration job: one thread
+        self.model_dir = model
+        self.decoder = Decoder.load(model)
+        self.cache = cache / model_hash(model)
+        self.cache.mkdir(parents=True, exist_ok=True)
+
+    def held_out(self) -> list[str]:
+        return list(self.decoder.info.get("train_config", {}).get("data", {}).get("exclude", []))
+
+    def score(self, session: Session, method: str) -> dict:
+        """``{"r2": ..., "wall_s": ..., ...}`` of one method, from the cache if there."""
+        path = self.cache / f"{session.session_id}.json"
+        done = json.loads(path.read_text()) if path.exists() else {}
+        if method not in done:
+            if session.session_id in self.decoder.sessions:
+                raise SystemExit(f"{session.session_id} was pretrained on: not held out")
+            t0, c0 = time.perf_counter(), time.process_time()
+            entry = self._run(session, method)
+            entry |= {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+            done = json.loads(path.read_text()) if path.exists() else {}
+            done[method] = entry
+            path.write_text(json.dumps(done, indent=1))
+            print(f"{session.session_id:<22} {method:<14} R² {entry['r2']:.3f}", flush=True)
+        return done[method]
+
+    def _run(self, session: Session, method: str) -> dict:
+        m = _METHOD.match(method)
+        if not m:
+            raise ValueError(f"unknown method {method!r}")
+        kind, arg = m.group(1), m.group(2)
+        output = session.default_output()
+        split = time_split(session)
+        start = split.fit[0]
+        span = split.fit if arg == "full" else (start, min(start + float(arg or 0), split.fit[1]))
+        dec = self.decoder
+        if kind == "zero_shot":
+            cal = zero_shot(dec, session, output, "name", (start, start + 60.0))
+            return {
+                "r2": score_span(cal, session, output, split.test),
+                "warm": cal.info["warm_start"],
+            }
+        if kind in ("ui", "ui_cold"):
+            st = CalibrationSettings(warm_start="off" if kind == "ui_cold" else "name")
+            cal = fit_units(dec, session, output, span, st)
+            return {
+                "r2": score_span(cal, session, output, split.test),
+                "seconds": span[1] - span[0],
+                "warm": cal.info.get("warm_start"),
+            }
+        if kind == "adapt":
+            from bci_decoder.calibrate import adapt
+
+            cal, report = adapt(dec, session, output, span, CalibrationSettings())
+            return {"r2": score_span(cal, session, output, split.test), **report}
+        res = evaluate_baselines(session, output, span, split.test, (kind,))
+        return {"r2": res[kind]["r2"], "seconds": span[1] - span[0]}
