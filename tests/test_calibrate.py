@@ -86,3 +86,29 @@ def test_dense_sessions_get_fewer_sequences_per_step(unseen):
     keep = np.arange(len(sparse.spike_times)) % 20 == 0  # ~140 spikes/s
     sparse.spike_times, sparse.spike_units = sparse.spike_times[keep], sparse.spike_units[keep]
     assert _batch_size(sparse, (0.0, 30.0), 0.05, st) == st.batch_size
+
+
+def test_adapt_keeps_the_second_stage_only_where_the_slice_says_so(one_thread, shipped, unseen):
+    """adapt = unit identification on the whole block, plus the fine-tune only when it
+    beat unit identification on the block's held-out slice; the fine-tune moves shared
+    weights and leaves the identified embeddings alone."""
+    from bci_decoder.calibrate import SecondStage, adapt
+
+    span, st = (0.0, 30.0), CalibrationSettings(steps=6, seed=1)
+    plain = fit_units(shipped, unseen, "hand_vel", span, st)
+    never = SecondStage(steps=4, eval_every=2, min_gain=10.0)  # cannot gain 10 R²
+    dec, report = adapt(shipped, unseen, "hand_vel", span, st, never)
+    assert report["second_stage"] is False and len(report["curve"]) == 3
+    for a, b in zip(dec.model.parameters(), plain.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    always = SecondStage(steps=4, eval_every=2, min_gain=-10.0)
+    dec, report = adapt(shipped, unseen, "hand_vel", span, st, always)
+    assert report["second_stage"] is True and report["second_stage_steps"] in (2, 4)
+    assert torch.equal(dec.model.unit_emb.weight, plain.model.unit_emb.weight)
+    moved = [
+        n
+        for (n, a), b in zip(dec.model.named_parameters(), plain.model.parameters(), strict=True)
+        if not torch.equal(a, b)
+    ]
+    assert moved and "unit_emb.weight" not in moved and "session_emb.weight" not in moved
+    assert dec.info["adapt"]["second_stage"] is True
