@@ -12,6 +12,8 @@ process records both outputs with their arrival times. Reported:
 Goals (issue): 200 units, 100 Hz, 5 min: 0 missed; p50 <= echo p50 + 0.5 ms; p99 <= 2x echo.
 --compare realtime|gc runs a second daemon on the same stream with that setting flipped
 (realtime: at normal priority; gc: with the start-up heap frozen out of the GC).
+--pages N keeps N monitoring pages (SSE clients of /live/events) open during the replay;
+benchmarks/page_cost.py compares 0 and 5 pages in interleaved runs.
 
     .venv/bin/python benchmarks/e2e_latency.py --units 200 --cadence 100 --seconds 300 --json out/e2e.json
 """
@@ -25,6 +27,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -62,6 +65,41 @@ def pct(x: np.ndarray) -> dict[str, float | None]:
     return {"p50": float(p[0]), "p99": float(p[1]), "p999": float(p[2])}
 
 
+class PageWatchers:
+    """``n`` monitoring pages: threads holding ``/live/events`` open, counting messages
+    (parsing only the last one, so watching here costs the machine little)."""
+
+    def __init__(self, url: str, n: int) -> None:
+        self.url, self.stop_event = url, threading.Event()
+        self.counts, self.last = [0] * n, [""] * n
+        self.threads = [threading.Thread(target=self._watch, args=(i,), daemon=True)
+                        for i in range(n)]  # fmt: skip
+        self.t0 = time.monotonic()
+        for th in self.threads:
+            th.start()
+
+    def _watch(self, i: int) -> None:
+        with httpx.stream("GET", self.url + "/live/events", timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    self.counts[i] += 1
+                    self.last[i] = line
+                if self.stop_event.is_set():
+                    return
+
+    def stop(self) -> dict:
+        wall = time.monotonic() - self.t0
+        self.stop_event.set()
+        for th in self.threads:
+            th.join(timeout=5)
+        feed = {}
+        for line in self.last:
+            msg = json.loads(line[6:]) if line else {}
+            feed = msg.get("feed", feed)
+        return {"pages": len(self.threads), "messages_per_s": [c / wall for c in self.counts],
+                "feed": feed}  # fmt: skip
+
+
 def run(
     units: int,
     cadence: float,
@@ -70,6 +108,7 @@ def run(
     work: Path,
     realtime_priority: int | None = 50,
     compare: str | None = None,
+    pages: int = 0,
 ) -> dict:
     tag = uuid.uuid4().hex[:8]
     session = poisson_session(units, seconds + 5.0)
@@ -134,11 +173,14 @@ def run(
                 time.sleep(0.1)
         st0 = httpx.get(url + "/status").json()
         nf0 = httpx.get(nf_url + "/status").json() if comparing else None
+        watchers = PageWatchers(url, pages) if pages else None
         cpu0, wall0 = cpu_seconds(serve.pid), time.monotonic()
-        print(f"decoding {units} units at {cadence:g} Hz for {seconds:g} s ...", flush=True)
+        print(f"decoding {units} units at {cadence:g} Hz for {seconds:g} s, {pages} pages "
+              "open ...", flush=True)  # fmt: skip
         procs.wait("replay", seconds + 60)
         cpu1, wall1 = cpu_seconds(serve.pid), time.monotonic()
         st1 = httpx.get(url + "/status").json()
+        watched = watchers.stop() if watchers else {"pages": 0}
         nf1 = httpx.get(nf_url + "/status").json() if comparing else None
         procs.wait("client", seconds + 60)
     finally:
@@ -168,6 +210,7 @@ def run(
         "echo_received": int(keep_e.sum()),
         "gc": st1["gc"],
         "realtime": st1["realtime"],
+        "watching": watched,
     }
     if comparing:
         tn, an = rec["other_timestamps"], rec["other_arrival"]
@@ -227,10 +270,12 @@ def main() -> None:
                     help="the daemon's SCHED_FIFO priority (0: normal scheduling)")  # fmt: skip
     ap.add_argument("--compare", choices=sorted(COMPARE),
                     help="also run a daemon with this setting flipped, on the same stream")  # fmt: skip
+    ap.add_argument("--pages", type=int, default=0,
+                    help="monitoring pages (SSE clients) open during the replay")  # fmt: skip
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:
         r = run(a.units, a.cadence, a.seconds, a.model, Path(tmp), a.realtime_priority or None,
-                a.compare)  # fmt: skip
+                a.compare, a.pages)  # fmt: skip
     print(table(r))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)

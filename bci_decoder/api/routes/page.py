@@ -230,6 +230,9 @@ class LiveFeed:
             except Exception:  # noqa: BLE001 - whatever the engine is, the page answers
                 rejected = {}
         out["engine_rejected"] = rejected
+        n = max(self.snapshots, 1)
+        out["feed"] = {"pages": len(self.queues), "snapshots": self.snapshots,
+                       "snapshot_ms_mean": self.snapshot_ms / n}  # fmt: skip
         d = self.daemon
         out["sources"] = {
             "spikes": _stream(inlet, d.cfg.spikes),
