@@ -89,7 +89,8 @@ def evaluate_baselines(
 
     Returns ``{"timestamps": (T_test,), "target": (T_test, D), "bin_width": float,
     name: {"r2": float, "pred": (T_test, D), "fit_s": float}, ...}`` for each name in
-    ``which``; the GRU entry also carries ``epochs`` and ``best_epoch``.
+    ``which``; the GRU entry also carries ``epochs``, ``best_epoch`` and ``valid_r2`` (on
+    the fit range's last 10%, which it stops early on: the score to tune by).
     ``model_kwargs`` overrides constructor defaults per baseline (e.g. fewer GRU epochs
     in tests); leave it out to get the baselines as benchmarked.
     """
@@ -121,5 +122,6 @@ def evaluate_baselines(
         if isinstance(model, GRUDecoder):
             entry["epochs"] = model.epochs_run
             entry["best_epoch"] = model.best_epoch
+            entry["valid_r2"] = model.valid_r2
         result[name] = entry
     return result
