@@ -127,7 +127,9 @@ def apply_overrides(data: dict, overrides: dict | None) -> dict:
 
 # ---------------------------------------------------------------- the daemon (serve)
 class StreamSettings(BaseModel):
-    """Which LSL stream to open (every field given must match)."""
+    """Which LSL stream to open (every field given must match). On a rig with more than
+    one stream of the type, pin ``source_id`` (the sender's stable id; /status shows the
+    name, source id and host of the stream the daemon opened)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -144,7 +146,22 @@ class ApiSettings(BaseModel):
     # Bearer token for mutating calls. None: $BCI_DECODER_TOKEN, else a random one written
     # to <state_dir>/token at start-up.
     token: str | None = None
-    max_body_mb: int = Field(256, ge=1)  # larger requests get 413
+    # Bytes actually received per request (chunked too); over it: 413 at once. The largest
+    # legitimate upload is a calibration block: 5 minutes of 200 units at 20 Hz is 1.2M
+    # spikes, about 10 MB as NWB (float64 times) and 14 MB once base64-encoded, or about
+    # 25 MB as JSON arrays; 32 MB holds that with room, and bounds what a request costs.
+    max_body_mb: int = Field(32, ge=1)
+
+
+class RecordingSettings(BaseModel):
+    """``recording:``: everything in and out, appended to an HDF5 file (runtime/recorder.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = None  # file or folder; None: <state_dir>/recordings/<start time>.h5
+    flush_s: float = Field(1.0, gt=0, le=1.0)  # the most a SIGKILL can lose
+    queue_spikes: int = Field(4_000_000, ge=10_000)  # preallocated hand-off from the inlet
+    queue_outputs: int = Field(65_536, ge=1000)  # ... from the decode loop
 
 
 class ServeConfig(BaseModel):
@@ -152,9 +169,10 @@ class ServeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = "poyo-mp-small"  # a folder name under models_dir, or a path
+    # a folder name under models_dir (a name, never a path: nothing outside models_dir)
+    model: str = Field("poyo-mp-small", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     models_dir: str = "models"
-    calibration: str | None = None  # a stored calibration of the model to load
+    calibration: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     session: str | None = None  # model session the stream's units belong to (None: ask the
     # stream's desc/session; an unknown session decodes uncalibrated until calibrated)
     output: str | None = None  # behaviour to decode (None: the session's own)
@@ -164,6 +182,9 @@ class ServeConfig(BaseModel):
     cadence_hz: float = Field(100.0, gt=0, le=2000)
     safe_output: Literal["hold", "zero"] = "hold"  # what is sent while the stream is stalled
     stall_after_s: float = Field(0.5, gt=0)  # no spike for this long: stalled
+    # a spike stamped further than this ahead of the LSL clock is rejected (counted as
+    # future_time); a stream whose spikes are mostly rejected for a second is stalled
+    max_future_s: float = Field(1.0, gt=0)
     spin_us: float = Field(150.0, ge=0)  # busy-wait before each deadline (sleep jitter)
     # freeze the start-up heap out of the cyclic GC (runtime/gc_pauses.py): a full
     # collection of it would hold the GIL ~150 ms, but none came in 3-minute runs, and
@@ -180,10 +201,12 @@ class ServeConfig(BaseModel):
     control_source_id: str = "bci_decoder-control"
     ring_spikes: int = Field(4_000_000, ge=1000)  # spike ring capacity
     behavior_seconds: float = Field(600.0, gt=0)  # behaviour recorded for calibration
+    behavior_max_mb: float = Field(64.0, gt=0)  # ... but never more memory than this
     autostart: bool = False  # start decoding without waiting for POST /decoder/start
     state_dir: str = "out/serve"  # token file, ONNX cache, logs
     trace_steps: int = Field(0, ge=0)  # record (t, ring cursor) of the first N steps (tests)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    recording: RecordingSettings | None = None  # null: nothing recorded
 
 
 def load_serve_config(path: str | Path | None, overrides: dict | None = None) -> ServeConfig:

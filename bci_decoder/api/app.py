@@ -10,12 +10,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
+from bci_decoder.api import errors
+from bci_decoder.api.body_limit import BodyLimit
 from bci_decoder.api.routes import calibrations, control, page
+from bci_decoder.api.schemas import CalibrationCreate
+from bci_decoder.api.uploads import UploadParser
 from bci_decoder.config import ServeConfig
-from bci_decoder.runtime.daemon import Daemon, DaemonError
+from bci_decoder.runtime.calibration_jobs import remove_partial
+from bci_decoder.runtime.daemon import CALIBRATIONS, Daemon
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +54,18 @@ def create_app(cfg: ServeConfig, daemon: Daemon | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         d = daemon or Daemon(cfg)
         app.state.daemon = d
+        for gone in remove_partial(d.model_dir / CALIBRATIONS):
+            log.warning("removed %s, left by a calibration that did not finish", gone)
         app.state.calibrations = calibrations.make_manager(d)
+        app.state.uploads = UploadParser()
+        app.state.uploads.warm_up()  # spawn the parsing worker now, not at the first upload
         if cfg.autostart:
             d.start()
         try:
             yield
         finally:
             app.state.calibrations.close()
+            app.state.uploads.close()
             d.close()
 
     app = FastAPI(
@@ -67,21 +76,28 @@ def create_app(cfg: ServeConfig, daemon: Daemon | None = None) -> FastAPI:
     app.state.token = token
     app.state.config = cfg
 
-    @app.exception_handler(DaemonError)
-    async def _daemon_error(request: Request, exc: DaemonError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
-
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > cfg.api.max_body_mb * 2**20:
-            return JSONResponse(
-                {"detail": f"request body over {cfg.api.max_body_mb} MB; send less data"},
-                status_code=413,
-            )
-        return await call_next(request)
+    errors.install(app)  # every error is an ErrorReply, as the OpenAPI document says
+    # counts the bytes received, chunked bodies too (the limit is read per request)
+    app.add_middleware(BodyLimit, max_bytes=lambda: cfg.api.max_body_mb * 2**20)
 
     app.include_router(control.router)
     app.include_router(calibrations.router)
     app.include_router(page.router)
+
+    def openapi() -> dict:
+        """FastAPI's document plus the schemas of bodies parsed outside FastAPI."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            doc = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                              routes=app.routes)  # fmt: skip
+            comps = doc.setdefault("components", {}).setdefault("schemas", {})
+            ref = "#/components/schemas/{model}"
+            extra = CalibrationCreate.model_json_schema(ref_template=ref)
+            comps.update(extra.pop("$defs", {}))
+            comps["CalibrationCreate"] = extra
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

@@ -9,7 +9,7 @@ def _line(name: str, value: float | int | None, help_: str, kind: str = "gauge")
 
 
 def prometheus_text(s: dict) -> str:
-    states = ["idle", "waiting-for-stream", "running", "stalled"]
+    states = ["idle", "waiting-for-stream", "running", "degraded", "stalled"]
     out = ["# HELP bci_state 1 for the current state\n# TYPE bci_state gauge\n"]
     out += [f'bci_state{{state="{x}"}} {int(s["state"] == x)}\n' for x in states]
     out.append(_line("steps_total", s["steps"], "decode steps", "counter"))

@@ -21,8 +21,9 @@ class ModelLoad(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200, examples=["poyo-mp-small"])
-    calibration: str | None = Field(None, max_length=200)
+    # names in the models folder, never paths (a path or a non-ASCII name is a 422)
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", examples=["poyo-mp-small"])
+    calibration: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
 class ModelPublic(BaseModel):
@@ -70,7 +71,7 @@ class CalibrationCreate(BaseModel):
     refit: bool = True  # after scoring, fit the stored calibration on all the data
     auto_apply: bool = False  # swap it into the running decoder when done
     data: CalibrationData | None = None
-    nwb_base64: str | None = Field(None, max_length=300_000_000)
+    nwb_base64: str | None = Field(None, max_length=64 * 2**20)  # and api.max_body_mb
 
 
 class CalibrationPublic(BaseModel):

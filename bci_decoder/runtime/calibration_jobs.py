@@ -13,6 +13,13 @@ Isolation (ARCHITECTURE "Processes and threads"): the training runs in a spawned
 process with one torch thread at idle priority (SCHED_IDLE), so the decode loop keeps its
 cadence.
 A failed or cancelled job never touches the running decoder; only ``apply`` does.
+
+Hygiene: the child dies with the daemon (``parent_watch.die_with_parent``: SIGKILL from
+the kernel at the parent's death, and a ``getppid`` poll), and is started from a thread
+that lives as long as the manager (the death signal follows the forking *thread*). It
+writes into a hidden ``calibrations/.tmp-*`` folder and renames it whole, so a killed job
+never leaves a half-written calibration that could be listed or loaded; leftovers are
+removed at start-up. A fit that ends with a NaN/inf weight or normaliser is refused.
 """
 
 from __future__ import annotations
@@ -31,16 +38,29 @@ from typing import Any
 
 from bci_decoder.data.session import Session
 from bci_decoder.runtime.daemon import DaemonError
+from bci_decoder.runtime.parent_watch import die_with_parent
 from bci_decoder.runtime.priority import idle
 
 log = logging.getLogger(__name__)
 
 _CTX = mp.get_context("spawn")  # never fork a process that runs threads and torch
+TMP_PREFIX = ".tmp-"  # hidden: never a valid calibration name, never listed
+
+
+def remove_partial(calibrations: Path) -> list[str]:
+    """Delete what killed jobs left behind (temporary folders); returns their names."""
+    import shutil
+
+    gone = []
+    for p in Path(calibrations).glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(p, ignore_errors=True)
+        gone.append(p.name)
+    return gone
 
 
 @dataclass
 class JobSpec:
-    session: Session
+    session: Session | None  # the block (or None: session_path holds it, pickled)
     output: str
     base_model: str  # folder of the base model
     out_dir: str  # where the calibration is stored
@@ -51,6 +71,9 @@ class JobSpec:
     threads: int = 1
     nice: int = 10
     seed: int = 0
+    session_path: str | None = None  # a pickled Session written by the upload worker
+    summary: dict = field(default_factory=dict)  # uploads.summarize(session)
+    parent_pid: int = 0  # the daemon: the child exits when it is gone
 
 
 @dataclass
@@ -75,7 +98,7 @@ class Job:
     process: Any = None
 
     def public(self) -> dict:
-        s = self.spec.session
+        s = self.spec.summary
         return {
             "id": self.id,
             "name": self.name,
@@ -87,11 +110,11 @@ class Job:
             "wiener_r2": self.wiener_r2,
             "error": self.error,
             "source": self.source,
-            "session": s.session_id,
+            "session": s["session_id"],
             "output": self.spec.output,
-            "units": s.num_units,
-            "spikes": int(len(s.spike_times)),
-            "seconds": round(s.domain[1] - s.domain[0], 3),
+            "units": s["units"],
+            "spikes": s["spikes"],
+            "seconds": round(s["domain"][1] - s["domain"][0], 3),
             "steps": self.spec.steps,
             "wall_s": (self.finished or time.time()) - self.started if self.started else None,
             "applied": self.applied,
@@ -104,18 +127,26 @@ def _worker(spec: JobSpec, q: Any) -> None:
     """Child process: fit, score, refit, save. Talks to the parent only through ``q``."""
     # SCHED_IDLE: any normal thread preempts the fit at once (nice alone still gave it a
     # share of a busy core, and on 2 cores the decode loop waited behind it)
+    die_with_parent(spec.parent_pid or os.getppid())
     idle(spec.nice)
+    import pickle
+
     import numpy as np
     import torch
 
     torch.set_num_threads(spec.threads)
     from bci_decoder.baselines import evaluate_baselines
     from bci_decoder.calibrate import CalibrationSettings, fit_units, score_span
+    from bci_decoder.runtime.guards import check_decoder
     from bci_decoder.train.checkpoint import Decoder
 
     try:
         base = Decoder.load(spec.base_model)
         s = spec.session
+        if s is None:
+            with open(spec.session_path, "rb") as f:
+                s = pickle.load(f)
+            s.session_id = spec.summary.get("session_id", s.session_id)
         lo, hi = s.domain
         settings = CalibrationSettings(steps=spec.steps, threads=spec.threads, seed=spec.seed)
         fits = {"holdout": 0, "all": 0}  # steps done per fit
@@ -171,9 +202,11 @@ def _worker(spec: JobSpec, q: Any) -> None:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
         }
-        tmp = Path(spec.out_dir).with_name(Path(spec.out_dir).name + ".tmp")
+        check_decoder(dec, f"calibration {spec.name}")  # e.g. behaviour too large: inf norms
+        out = Path(spec.out_dir)
+        tmp = out.with_name(f"{TMP_PREFIX}{out.name}-{os.getpid()}")
         dec.save(tmp)
-        os.replace(tmp, spec.out_dir)  # a calibration appears whole or not at all
+        os.replace(tmp, out)  # a calibration appears whole or not at all
         q.put(("done", str(spec.out_dir), float(np.nan if r2 is None else r2)))
     except Exception as e:  # noqa: BLE001 - reported to the parent, never raised there
         q.put(("failed", f"{type(e).__name__}: {e}"))
@@ -187,6 +220,8 @@ class CalibrationManager:
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self.max_jobs_kept = max_jobs_kept
+        # children are started from this thread, which lives as long as the manager
+        self._launcher = ThreadPoolExecutor(1, thread_name_prefix="calibration-launcher")
 
     def running(self) -> Job | None:
         return next((j for j in self.jobs.values() if j.state in ("queued", "running")), None)
@@ -202,11 +237,12 @@ class CalibrationManager:
                       auto_apply=auto_apply)  # fmt: skip
             self.jobs[job.id] = job
             self._trim()
+        spec.parent_pid = os.getpid()
         q = _CTX.Queue()
         proc = _CTX.Process(target=_worker, args=(spec, q), name=f"calibration-{job.id}")
         job.process = proc
         job.state, job.started = "running", time.time()
-        proc.start()
+        self._launcher.submit(proc.start).result()
         threading.Thread(target=self._watch, args=(job, q), daemon=True).start()
         return job
 
@@ -228,6 +264,7 @@ class CalibrationManager:
                             job.error or f"the calibration process died (exit {proc.exitcode})"
                         )
                         job.finished = time.time()
+                    self._forget_upload(job)
                     return
                 continue
             kind = msg[0]
@@ -249,7 +286,13 @@ class CalibrationManager:
                         job.error = f"auto-apply failed: {e}"
             if job.state in ("done", "failed", "cancelled"):
                 proc.join(timeout=5)
+                self._forget_upload(job)
                 return
+
+    @staticmethod
+    def _forget_upload(job: Job) -> None:
+        if job.spec.session_path:
+            Path(job.spec.session_path).unlink(missing_ok=True)
 
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
@@ -278,3 +321,4 @@ class CalibrationManager:
         for job in list(self.jobs.values()):
             if job.state in ("queued", "running"):
                 self.cancel(job.id)
+        self._launcher.shutdown(wait=False)

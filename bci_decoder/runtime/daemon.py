@@ -7,7 +7,10 @@ server's threads and never touch the loop's state directly: they prepare a new e
 off the hot path and hand it over between two steps.
 
 States: ``idle`` (not started), ``waiting-for-stream`` (started, no spike stream yet),
-``running``, ``stalled`` (the stream vanished or went silent: the safe value is sent).
+``running``, ``stalled`` (the stream vanished, went silent, or most of its spikes were
+rejected over the last second, e.g. stamped in the future: the safe value is sent),
+``degraded`` (a step failed or gave a non-finite output within the last
+``DEGRADED_HOLD_S``: the safe value was sent for it; ``/status.degraded`` says why).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -25,6 +29,7 @@ import numpy as np
 from bci_decoder.config import ServeConfig
 from bci_decoder.runtime.decode_loop import ActiveEngine, DecodeLoop, lsl_clock
 from bci_decoder.runtime.gc_pauses import GcMonitor, freeze
+from bci_decoder.runtime.guards import GuardError, check_decoder, check_meta
 from bci_decoder.runtime.lsl_io import BehaviorInletThread, ControlOutlet, SpikeInletThread
 from bci_decoder.runtime.priority import policy_of
 from bci_decoder.runtime.ring import SpikeRing
@@ -34,14 +39,16 @@ log = logging.getLogger(__name__)
 
 AXIS_LABELS = {"hand_vel": ["vx", "vy"], "hand_pos": ["px", "py"], "force": ["fx", "fy"]}
 CALIBRATIONS = "calibrations"
+DEGRADED_HOLD_S = 5.0  # a failed step keeps the state ``degraded`` this long
 
 
 class DaemonError(Exception):
     """A control request that cannot be carried out; the message says what to fix."""
 
-    def __init__(self, message: str, status: int = 409) -> None:
+    def __init__(self, message: str, status: int = 409, errors: list | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.errors = errors or []  # validation errors by field (api/errors.ErrorItem)
 
 
 def output_labels(output: str, dim: int) -> list[str]:
@@ -51,40 +58,73 @@ def output_labels(output: str, dim: int) -> list[str]:
     return [f"{output}{i}" for i in range(dim)]
 
 
+# a model or calibration is a name inside the models folder, never a path
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+
+
+def check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+        raise DaemonError(
+            f"{kind} name {str(name)[:60]!r}: use 1-100 ASCII letters, digits, '-', '_' or "
+            "'.', starting with a letter or digit (a name in the models folder, not a path)",
+            422,
+        )
+    return name
+
+
 def model_folder(cfg: ServeConfig, name: str) -> Path:
-    """A model by name (a folder under ``models_dir``) or by path."""
-    if not name or "\x00" in name:
-        raise DaemonError("model name is empty", 422)
-    by_name = Path(cfg.models_dir) / name
-    if "/" not in name and by_name.is_dir():
+    """A model by name: a folder directly under ``models_dir`` (no paths, so a request
+    can neither load nor write anything outside the models folder)."""
+    check_name("model", name)
+    root = Path(cfg.models_dir)
+    by_name = root / name
+    if by_name.is_dir():
         return by_name
-    path = Path(name)
-    if path.is_dir():
-        return path
-    known = sorted(p.name for p in Path(cfg.models_dir).glob("*/meta.json") for p in [p.parent])
+    known = sorted(p.parent.name for p in root.glob("*/meta.json"))
     raise DaemonError(f"no model {name!r} in {cfg.models_dir}/ (known: {known})", 404)
 
 
+def stored_calibrations(model_dir: Path) -> list[str]:
+    """Calibrations listed for a model: whole ones only (a job writes into a hidden
+    temporary folder and renames it when complete)."""
+    folder = model_dir / CALIBRATIONS
+    return sorted(
+        p.name
+        for p in folder.glob("*")
+        if p.is_dir() and re.fullmatch(NAME_PATTERN, p.name) and (p / "meta.json").exists()
+    )
+
+
 def calibration_folder(model_dir: Path, calibration: str) -> Path:
-    if not calibration.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise DaemonError(f"calibration name {calibration!r}: use letters, digits, - _ .", 422)
+    check_name("calibration", calibration)
     path = model_dir / CALIBRATIONS / calibration
     if not (path / "meta.json").exists():
-        have = sorted(p.name for p in (model_dir / CALIBRATIONS).glob("*") if p.is_dir())
         raise DaemonError(
-            f"model {model_dir.name} has no calibration {calibration!r} ({have})", 404
+            f"model {model_dir.name} has no calibration {calibration!r} "
+            f"({stored_calibrations(model_dir)})",
+            404,
         )
     return path
 
 
 def load_decoder(cfg: ServeConfig, name: str, calibration: str | None) -> tuple[Decoder, Path]:
-    """The decoder to serve and its base model folder (whose ONNX graphs it uses)."""
+    """The decoder to serve and its base model folder (whose ONNX graphs it uses).
+
+    Every malformed model is a 422 with what is wrong: a meta.json of the wrong shape, a
+    corrupt weight file, or a weight or normaliser that is NaN/inf as float32."""
     base = model_folder(cfg, name)
     path = calibration_folder(base, calibration) if calibration else base
     try:
-        return Decoder.load(path), base
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        check_meta(path)
+        decoder = Decoder.load(path)
+        check_decoder(decoder, str(path))
+        return decoder, base
+    except GuardError as e:
+        raise DaemonError(str(e), 422) from None
+    except FileNotFoundError as e:
         raise DaemonError(f"cannot load {path}: {e}", 422) from None
+    except Exception as e:  # noqa: BLE001 - a malformed model is the model's fault, not ours
+        raise DaemonError(f"cannot load {path}: {type(e).__name__}: {e}"[:1000], 422) from None
 
 
 class Daemon:
@@ -107,6 +147,7 @@ class Daemon:
         self._supervisor: threading.Thread | None = None
         self._stop = threading.Event()
         self._seen_connects = 0
+        self._retired_rejected: dict[str, int] = {}
         self.started = time.time()
         self.providers: list[str] = []
         self.onnx_dir(self.model_dir, self.decoder)  # export (or find) the graphs now
@@ -214,7 +255,11 @@ class Daemon:
             return "idle"
         if self.loop is None:
             return "waiting-for-stream"
-        return "stalled" if self.loop.stalled else "running"
+        if self.loop.stalled:
+            return "stalled"
+        if lsl_clock() - self.loop.stats.last_error_clock < DEGRADED_HOLD_S:
+            return "degraded"
+        return "running"
 
     def start(self) -> str:
         with self._lock:
@@ -223,11 +268,14 @@ class Daemon:
             cfg = self.cfg
             self._stop.clear()
             self.spike_inlet = SpikeInletThread(
-                cfg.spikes, self.ring, rt_priority=cfg.realtime_priority
-            )
+                cfg.spikes, self.ring, max_future_s=cfg.max_future_s,
+                rt_priority=cfg.realtime_priority,
+            )  # fmt: skip
             self.spike_inlet.start()
             if cfg.behavior is not None:
-                self.behavior_inlet = BehaviorInletThread(cfg.behavior, cfg.behavior_seconds)
+                self.behavior_inlet = BehaviorInletThread(
+                    cfg.behavior, cfg.behavior_seconds, max_mb=cfg.behavior_max_mb
+                )
                 self.behavior_inlet.start()
             self._seen_connects = 0
             self._supervisor = threading.Thread(
@@ -270,6 +318,8 @@ class Daemon:
     def _stalled(self, now: float) -> bool:
         inlet = self.spike_inlet
         if inlet is None or inlet.state != "connected":
+            return True
+        if inlet.mostly_rejected(now):  # e.g. every spike stamped in the future
             return True
         return not (now - inlet.stats.last_sample_clock <= self.cfg.stall_after_s)
 
@@ -314,10 +364,33 @@ class Daemon:
                 rt_priority=cfg.realtime_priority,
             )
             self.loop.start()
-        elif not self.loop.hand_over(active):
-            raise DaemonError("the decode loop did not take the new engine within 2 s", 503)
+        else:
+            old = self.loop.active
+            if not self.loop.hand_over(active):
+                raise DaemonError("the decode loop did not take the new engine within 2 s", 503)
+            self._retire(old)
         if self.cfg.gc_freeze:
             freeze()  # the new engine's objects too; no collection (it would hold the GIL)
+
+    def _retire(self, old: ActiveEngine) -> None:
+        """Keep a replaced engine's discard counts, so /status.dropped never goes back."""
+        try:
+            for reason, n in old.engine.stats().rejected.items():
+                self._retired_rejected[reason] = self._retired_rejected.get(reason, 0) + n
+        except Exception:  # noqa: BLE001 - counting must not fail a swap
+            log.exception("could not read the replaced engine's counters")
+
+    def engine_rejected(self) -> dict[str, int]:
+        """Spikes the engines (current and replaced) discarded, by reason."""
+        out = dict(self._retired_rejected)
+        loop = self.loop
+        if loop is not None:
+            try:
+                for reason, n in loop.active.engine.stats().rejected.items():
+                    out[reason] = out.get(reason, 0) + n
+            except Exception:  # noqa: BLE001 - status must answer whatever the engine does
+                pass
+        return out
 
     def swap_decoder(
         self, decoder: Decoder, base: Path, name: str, calibration: str | None
@@ -420,14 +493,21 @@ class Daemon:
         stream = None
         if inlet is not None:
             s = inlet.stats
+            info = inlet.info
             stream = {
                 "state": inlet.state,
-                "name": inlet.info.name() if inlet.info is not None else None,
+                "name": info.name() if info is not None else None,
+                "source_id": info.source_id() if info is not None else None,
+                "hostname": info.hostname() if info is not None else None,
+                "pinned_source_id": self.cfg.spikes.source_id,
                 "units": len(inlet.labels),
                 "received": s.received,
                 "kept": s.kept,
                 "connects": s.connects,
                 "losses": s.losses,
+                "errors": s.error_count,
+                "last_error": s.errors[-1] if s.errors else None,
+                "rejected_share_1s": inlet.rejected_share(),
                 "seconds_since_sample": (
                     None if np.isnan(s.last_sample_clock) else lsl_clock() - s.last_sample_clock
                 ),
@@ -435,19 +515,32 @@ class Daemon:
         behavior = None
         if binlet is not None:
             ring = binlet.ring
+            binfo = binlet.info
             behavior = {
                 "state": binlet.state,
+                "name": binfo.name() if binfo is not None else None,
+                "source_id": binfo.source_id() if binfo is not None else None,
+                "hostname": binfo.hostname() if binfo is not None else None,
+                "rate_hz": binlet.rate or None,
+                "capacity": ring.capacity if ring is not None else 0,
+                "errors": binlet.stats.error_count,
+                "last_error": binlet.stats.errors[-1] if binlet.stats.errors else None,
                 "output": binlet.output or None,
                 "channels": binlet.labels,
                 "samples": len(ring) if ring is not None else 0,
                 "seconds": (len(ring) / binlet.rate) if ring is not None and binlet.rate else 0.0,
             }
+        # every spike that was not decoded, by where and why it was discarded
+        rejected = self.engine_rejected()
         dropped = {
             "nan_time": inlet.stats.nan_time if inlet else 0,
+            "future_time": inlet.stats.future if inlet else 0,
             "out_of_order": inlet.stats.out_of_order if inlet else 0,
             "bad_unit": inlet.stats.bad_unit if inlet else 0,
             "lsl_gaps": inlet.stats.seq_gaps if inlet else 0,
             "ring_overflow": ls.ring_lost if ls else 0,
+            "unknown_unit": ls.unknown_unit_spikes if ls else 0,
+            **{f"engine_{k}": v for k, v in sorted(rejected.items())},
             "behavior_nan": binlet.stats.nan_time if binlet else 0,
         }
         engine = None
@@ -457,8 +550,10 @@ class Daemon:
                 engine = {k: v for k, v in vars(es).items() if isinstance(v, int | float | dict)}
             except Exception:  # noqa: BLE001 - status must answer whatever the engine does
                 engine = None
+        state = self.state
         return {
-            "state": self.state,
+            "state": state,
+            "degraded": (ls.last_error or None) if state == "degraded" else None,
             "engine": engine,  # the engine's own counts (rejected spikes by reason, ...)
             "gc": self.gc.stats.public(),  # garbage collections and their pauses
             "realtime": self._realtime(),
@@ -471,6 +566,7 @@ class Daemon:
             "missed_deadlines": ls.missed if ls else 0,
             "late_outputs": ls.late if ls else 0,
             "errors": ls.errors if ls else 0,
+            "non_finite_outputs": ls.non_finite_outputs if ls else 0,
             "last_error": ls.last_error if ls else "",
             "safe_steps": ls.safe_steps if ls else 0,
             "swaps": ls.swaps if ls else 0,

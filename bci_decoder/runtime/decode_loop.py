@@ -8,7 +8,8 @@ that passed before its step began is *missed* (skipped, counted); a step whose o
 left after the next deadline is *late* (counted as missed too).
 
 Nothing a stream or a request does can end the loop: a failing step is counted, the
-safe value is sent, and the engine is reset. Engines are swapped between two steps
+safe value is sent, and the engine is reset. An output that is not finite (NaN or inf,
+from a poisoned table or weights) counts as a failing step: it is never sent. Engines are swapped between two steps
 (``hand_over``): a model load or a calibration prepares and primes a new engine on
 another thread, and the loop picks it up at its next deadline.
 """
@@ -65,6 +66,8 @@ class LoopStats:
     ring_lost: int = 0  # spikes overwritten in the ring before the loop read them
     swaps: int = 0
     last_error: str = ""
+    last_error_clock: float = float("-inf")  # LSL clock of the last failed step
+    non_finite_outputs: int = 0  # of the errors: steps whose output had NaN/inf
     unknown_units: set[int] = field(default_factory=set)
 
 
@@ -122,6 +125,7 @@ class DecodeLoop(threading.Thread):
         self.stalled = True  # nothing received yet: the first step decides
         self._stop_event = threading.Event()
         self._pending: ActiveEngine | None = None
+        self._logged_error = float("-inf")
         self._swapped = threading.Event()
         self._last = np.zeros(len(active.labels), np.float32)
         self._carry_t = np.zeros(0, np.float64)  # spikes read but newer than the last step
@@ -230,6 +234,9 @@ class DecodeLoop(threading.Thread):
             y = act.engine.step(t)
             if stalled:
                 raise _Stalled
+            if not np.isfinite(y).all():  # never send NaN/inf: the safe value goes out
+                st.non_finite_outputs += 1
+                raise NonFiniteOutput(f"the engine's output at t={t:.3f} is not finite: {y}")
             self._last[:] = y
             out = self._last
         except _Stalled:
@@ -238,8 +245,11 @@ class DecodeLoop(threading.Thread):
         except Exception as e:  # noqa: BLE001 - the loop must outlive any one step
             st.errors += 1
             st.safe_steps += 1
-            st.last_error = f"{type(e).__name__}: {e}"
-            log.exception("decode step at t=%.4f failed; sending the safe value", t)
+            st.last_error = f"{type(e).__name__}: {e}"[:500]
+            st.last_error_clock = t
+            if t - self._logged_error > 5.0:  # a broken model fails every step: log rarely
+                self._logged_error = t
+                log.exception("decode step at t=%.4f failed; sending the safe value", t)
             try:
                 act.engine.reset()
             except Exception:  # noqa: BLE001
@@ -257,3 +267,7 @@ class DecodeLoop(threading.Thread):
 
 class _Stalled(Exception):
     pass
+
+
+class NonFiniteOutput(ValueError):
+    """The engine produced NaN or inf: the step fails and the safe value is sent."""

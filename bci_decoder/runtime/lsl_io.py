@@ -12,6 +12,14 @@ Conventions (ARCHITECTURE "LSL conventions"):
 - Decoded out: type ``Control``, regular rate = cadence, float32, channel labels = outputs;
   the timestamp is the decode time t, so a receiver's latency is ``local_clock() - t``.
 
+Guards: a spike stamped more than ``max_future_s`` ahead of the LSL clock is rejected
+(counted as ``future``) before it can become the stream's newest time, so one bad
+timestamp cannot make every later spike look out of order; when most of a second's
+spikes are rejected the stream counts as stalled. A regular stream that declares an
+absurd rate gets buffers capped in bytes (or is refused, and says so), never a 1 GB
+allocation; nothing a stream sends ends an inlet thread (errors are counted and the
+last ones kept for /status).
+
 The inlets pull with ``pull_chunk(dest_obj=..., min_samples=1)`` into a preallocated
 buffer: it returns as soon as one sample is there (without ``min_samples`` it waits for a
 full chunk, adding tens of ms; without ``dest_obj`` pylsl builds Python lists).
@@ -139,14 +147,47 @@ class InletStats:
     nan_time: int = 0
     out_of_order: int = 0
     bad_unit: int = 0  # unit index outside the stream's declared units (or < 0)
+    future: int = 0  # stamped more than max_future_s ahead of our clock
     seq_gaps: int = 0  # samples LSL lost between sender and us (sequence numbers)
     connects: int = 0
     losses: int = 0  # times the stream vanished
     last_sample_clock: float = float("nan")  # local_clock() when a sample last arrived
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the last 20
+    error_count: int = 0
 
     def dropped(self) -> int:
-        return self.nan_time + self.out_of_order + self.bad_unit + self.seq_gaps
+        return self.nan_time + self.out_of_order + self.bad_unit + self.seq_gaps + self.future
+
+    def error(self, message: str) -> None:
+        self.error_count += 1
+        self.errors.append(message[:300])
+        del self.errors[:-20]
+
+
+class RejectionWindow:
+    """Share of the samples rejected over the last full second (one writer thread)."""
+
+    def __init__(self, span_s: float = 1.0) -> None:
+        self.span = span_s
+        self.start = float("-inf")
+        self.received = self.rejected = 0
+        self.last_share = 0.0  # share in the last full window
+        self.last_end = float("-inf")
+
+    def add(self, now: float, received: int, rejected: int) -> None:
+        if now - self.start >= self.span:
+            if self.received:
+                self.last_share = self.rejected / self.received
+                self.last_end = now
+            self.start, self.received, self.rejected = now, 0, 0
+        self.received += received
+        self.rejected += rejected
+
+    def share(self, now: float) -> float:
+        """The last full window's share (0 once it is older than two windows)."""
+        if now - self.last_end > 2 * self.span:
+            return 0.0
+        return self.last_share
 
 
 class InletThread(threading.Thread):
@@ -165,6 +206,7 @@ class InletThread(threading.Thread):
         pull_timeout: float = 0.05,
         max_buffer_s: int = 10,
         max_buffer_spikes: int = 2_000_000,
+        max_buffer_samples: int = 2_000_000,
         name: str = "inlet",
         rt_priority: int | None = None,
     ) -> None:
@@ -177,6 +219,7 @@ class InletThread(threading.Thread):
         self.pull_timeout = pull_timeout
         self.max_buffer_s = max_buffer_s  # regular-rate streams: seconds LSL may hold
         self.max_buffer_spikes = max_buffer_spikes  # irregular (spike) streams: samples
+        self.max_buffer_samples = max_buffer_samples  # regular streams: samples, any rate
         self.stats = InletStats()
         self.state = "waiting"
         self.info: pylsl.StreamInfo | None = None
@@ -199,76 +242,108 @@ class InletThread(threading.Thread):
         if self.rt_priority:
             self.rt_error = realtime(self.rt_priority)
         while not self._stop_event.is_set():
-            info = resolve(self.query, self.resolve_timeout)
-            if info is None:
-                continue
-            # Same host: the sender's timestamps are already in our clock; liblsl's clock
-            # sync would add a noisy estimate of zero (tens of us, changing over time),
-            # shifting spikes and even reordering them. Another host: correct them.
-            same_host = info.hostname() == socket.gethostname()
             try:
-                # liblsl counts max_buflen in seconds for regular streams but in hundreds
-                # of samples for irregular ones: 10 would hold only 1,000 spikes (0.25 s
-                # of 200 units at 20 Hz), and a burst past that is lost
-                regular = info.nominal_srate() > 0
-                inlet = pylsl.StreamInlet(
-                    info,
-                    max_buflen=self.max_buffer_s if regular else self.max_buffer_spikes // 100,
-                    recover=False,  # a vanished stream is re-resolved here, visibly
-                    processing_flags=0 if same_host else pylsl.proc_clocksync,
-                )
-                inlet.open_stream(timeout=5.0)
-                full = inlet.info(timeout=5.0)
-            except Exception as e:  # noqa: BLE001 - liblsl raises several types
-                self.stats.errors.append(f"open: {e}")
-                time.sleep(0.2)
-                continue
-            self.info = full
-            self._setup(full)
-            buf = np.zeros((self.chunk, full.channel_count()), self._dtype())
-            self.stats.connects += 1
-            self.state = "connected"
-            self.connected.set()
-            log.info("%s: connected to %s", self.name, full.name())
-            try:
-                while not self._stop_event.is_set():
-                    data, ts = inlet.pull_chunk(
-                        timeout=self.pull_timeout,
-                        max_samples=self.chunk,
-                        dest_obj=buf,
-                        min_samples=1,
-                        as_numpy=True,
-                    )
-                    if len(ts):
-                        self.stats.received += len(ts)
-                        self.stats.last_sample_clock = pylsl.local_clock()
-                        self._handle(data, np.asarray(ts, np.float64))
-            except LostError:
-                self.stats.losses += 1
-                self.state = "lost"
+                self._connect_and_read()
+            except Exception as e:  # noqa: BLE001 - the thread must outlive any stream
+                self.stats.error(f"{type(e).__name__}: {e}")
+                self.state = "error"
                 self.connected.clear()
-                log.warning("%s: stream lost; resolving it again", self.name)
-            except Exception as e:  # noqa: BLE001 - a bad chunk must not end the inlet
-                self.stats.errors.append(f"{type(e).__name__}: {e}"[:300])
-                del self.stats.errors[:-20]
-                self.state = "lost"
-                self.connected.clear()
-                log.exception("%s: reading the stream failed; resolving it again", self.name)
-                time.sleep(0.2)
-            finally:
-                try:
-                    inlet.close_stream()
-                except Exception:  # noqa: BLE001
-                    pass
+                log.exception("%s: unexpected error; resolving the stream again", self.name)
+                self._stop_event.wait(1.0)
         self.state = "stopped"
+
+    def _connect_and_read(self) -> None:
+        """One resolve, connection and read, until the stream is lost or we stop."""
+        info = resolve(self.query, self.resolve_timeout)
+        if info is None:
+            return
+        rate = info.nominal_srate()
+        if rate > 0 and self.max_buffer_samples / rate < 1.0:
+            # liblsl sizes a regular stream's buffer in whole seconds of samples: a
+            # stream this fast cannot be buffered within the cap; refuse it, visibly
+            self.state = "refused"
+            self.stats.error(
+                f"stream {info.name()!r} declares {rate:g} Hz; at most "
+                f"{self.max_buffer_samples:g} Hz can be buffered: fix the sender's rate"
+            )
+            self._stop_event.wait(5.0)
+            return
+        # Same host: the sender's timestamps are already in our clock; liblsl's clock
+        # sync would add a noisy estimate of zero (tens of us, changing over time),
+        # shifting spikes and even reordering them. Another host: correct them.
+        same_host = info.hostname() == socket.gethostname()
+        try:
+            # liblsl counts max_buflen in seconds for regular streams but in hundreds
+            # of samples for irregular ones: 10 would hold only 1,000 spikes (0.25 s
+            # of 200 units at 20 Hz), and a burst past that is lost
+            regular = rate > 0
+            # regular: seconds, capped so that seconds x rate <= max_buffer_samples
+            seconds = max(1, min(self.max_buffer_s, int(self.max_buffer_samples / max(rate, 1))))
+            inlet = pylsl.StreamInlet(
+                info,
+                max_buflen=seconds if regular else self.max_buffer_spikes // 100,
+                recover=False,  # a vanished stream is re-resolved here, visibly
+                processing_flags=0 if same_host else pylsl.proc_clocksync,
+            )
+            inlet.open_stream(timeout=5.0)
+            full = inlet.info(timeout=5.0)
+        except Exception as e:  # noqa: BLE001 - liblsl raises several types
+            self.stats.error(f"open: {e}")
+            time.sleep(0.2)
+            return
+        self.info = full
+        try:
+            self._setup(full)
+        except Exception:
+            inlet.close_stream()
+            raise
+        buf = np.zeros((self.chunk, full.channel_count()), self._dtype())
+        self.stats.connects += 1
+        self.state = "connected"
+        self.connected.set()
+        log.info("%s: connected to %s", self.name, full.name())
+        try:
+            while not self._stop_event.is_set():
+                data, ts = inlet.pull_chunk(
+                    timeout=self.pull_timeout,
+                    max_samples=self.chunk,
+                    dest_obj=buf,
+                    min_samples=1,
+                    as_numpy=True,
+                )
+                if len(ts):
+                    self.stats.received += len(ts)
+                    self.stats.last_sample_clock = pylsl.local_clock()
+                    self._handle(data, np.asarray(ts, np.float64))
+        except LostError:
+            self.stats.losses += 1
+            self.state = "lost"
+            self.connected.clear()
+            log.warning("%s: stream lost; resolving it again", self.name)
+        except Exception as e:  # noqa: BLE001 - a bad chunk must not end the inlet
+            self.stats.error(f"{type(e).__name__}: {e}")
+            self.state = "lost"
+            self.connected.clear()
+            log.exception("%s: reading the stream failed; resolving it again", self.name)
+            time.sleep(0.2)
+        finally:
+            try:
+                inlet.close_stream()
+            except Exception:  # noqa: BLE001
+                pass
 
 
 class SpikeInletThread(InletThread):
     """Spike events (or binned counts) into a ``SpikeRing`` of (time, stream unit index)."""
 
-    def __init__(self, query: StreamSettings, ring: SpikeRing, **kw) -> None:
+    def __init__(
+        self, query: StreamSettings, ring: SpikeRing, max_future_s: float = 1.0, **kw
+    ) -> None:
         super().__init__(query, name=kw.pop("name", "spike-inlet"), **kw)
         self.ring = ring
+        self.max_future_s = max_future_s
+        self.window = RejectionWindow()
+        self.on_spikes = None  # optional callable(times, units): the recorder
         self.labels: list[str] = []
         self.session_hint = ""
         self.counts = False
@@ -288,11 +363,23 @@ class SpikeInletThread(InletThread):
         self._last_seq = None
         self._last_time = -np.inf
 
+    def mostly_rejected(self, now: float) -> bool:
+        """Over half of the last full second's samples were rejected."""
+        return self.window.share(now) > 0.5
+
+    def rejected_share(self) -> float:
+        return round(self.window.share(pylsl.local_clock()), 4)
+
     def _handle(self, data: np.ndarray, times: np.ndarray) -> None:
         st = self.stats
+        kept_before, received = st.kept, len(times)
+        now = pylsl.local_clock()
+        horizon = now + self.max_future_s
+        future = times > horizon  # NaN compares False: counted as nan_time below
+        st.future += int(future.sum())
         if self.counts:  # (N, U) counts at each sample time -> spikes
-            ok = np.isfinite(times)
-            st.nan_time += int((~ok).sum())
+            ok = np.isfinite(times) & ~future
+            st.nan_time += int((~np.isfinite(times)).sum())
             data, times = data[ok], times[ok]
             counts = np.clip(data, 0, None)  # negative counts are not spikes
             st.bad_unit += int((data < 0).sum())
@@ -303,6 +390,9 @@ class SpikeInletThread(InletThread):
             spike_times = np.repeat(times, n_per_sample)
             st.kept += len(spike_times)
             self.ring.write(spike_times, spike_units)
+            self.window.add(now, received, received - int(ok.sum()))
+            if self.on_spikes is not None and len(spike_times):
+                self.on_spikes(spike_times, spike_units)
             return
         units = data[:, 0]
         if self._seq_col is not None:
@@ -314,6 +404,7 @@ class SpikeInletThread(InletThread):
             self._last_seq = int(seq[-1])
         ok = np.isfinite(times)
         st.nan_time += int((~ok).sum())
+        ok &= ~future  # never becomes the newest time, so later spikes stay in order
         nunits = len(self.labels)
         good_unit = (units >= 0) & ((units < nunits) if nunits else True)
         st.bad_unit += int((ok & ~good_unit).sum())
@@ -328,14 +419,24 @@ class SpikeInletThread(InletThread):
             self._last_time = float(times[ok][-1])
             st.kept += int(ok.sum())
             self.ring.write(times[ok], units[ok])
+            if self.on_spikes is not None:
+                self.on_spikes(times[ok], units[ok])
+        self.window.add(now, received, received - (st.kept - kept_before))
 
 
 class BehaviorInletThread(InletThread):
     """A regular-rate behaviour stream into a ``SampleRing`` (recorded for calibration)."""
 
-    def __init__(self, query: StreamSettings, capacity_s: float = 600.0, **kw) -> None:
+    def __init__(
+        self, query: StreamSettings, capacity_s: float = 600.0, max_mb: float = 64.0, **kw
+    ) -> None:
+        # liblsl preallocates its buffer's samples (~60 B each): 10 s at 2e5 Hz would be
+        # 120 MB; 250k samples hold 10 s up to 25 kHz, 1 s up to 250 kHz; above: refused
+        kw.setdefault("max_buffer_samples", 250_000)
         super().__init__(query, name=kw.pop("name", "behavior-inlet"), **kw)
         self.capacity_s = capacity_s
+        self.max_bytes = int(max_mb * 2**20)  # the ring's cap, whatever rate is declared
+        self.on_samples = None  # optional callable(times, data): the recorder
         self.ring: SampleRing | None = None
         self.labels: list[str] = []
         self.output = ""
@@ -347,8 +448,16 @@ class BehaviorInletThread(InletThread):
     def _setup(self, info: pylsl.StreamInfo) -> None:
         labels = channel_labels(info) or [f"ch{i}" for i in range(info.channel_count())]
         rate = info.nominal_srate() or 100.0
-        if self.ring is None or self.ring.channels != info.channel_count():
-            self.ring = SampleRing(int(self.capacity_s * rate) + 1, info.channel_count())
+        channels = max(1, info.channel_count())
+        # capacity_s of samples, but never more than max_bytes (times float64 + float32s)
+        capacity = int(min(self.capacity_s * rate + 1, self.max_bytes // (8 + 4 * channels)))
+        if capacity < 20:
+            raise ValueError(
+                f"behaviour stream {info.name()!r} has {channels} channels: too many to "
+                f"buffer in {self.max_bytes / 2**20:g} MB"
+            )
+        if self.ring is None or (self.ring.channels, self.ring.capacity) != (channels, capacity):
+            self.ring = SampleRing(capacity, channels)
         self.labels, self.rate = labels, rate
         self.output = desc_value(info, "output") or "hand_vel"
 
@@ -358,6 +467,8 @@ class BehaviorInletThread(InletThread):
         self.stats.kept += int(ok.sum())
         if ok.any():
             self.ring.write(times[ok], data[ok])
+            if self.on_samples is not None:
+                self.on_samples(times[ok], data[ok])
 
 
 class ControlOutlet:

@@ -86,3 +86,31 @@ def wait_http(url: str, timeout: float, proc_check=None) -> None:
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+class PortBusy(OSError):
+    """The REST port cannot be listened on; the message says what to do."""
+
+
+def bind_port(host: str, port: int):
+    """The REST socket, bound and listening now: a busy port is an error at once (before
+    the model and the ONNX export load), with what to do about it."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise PortBusy(
+                f"port {port} on {host} is in use (another bci-decoder serve?); stop it or "
+                "pass --port",
+            ) from None
+        raise PortBusy(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
+import asyncio
+import os
 import re
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from fastapi import APIRouter, Request, status
+from starlette.concurrency import run_in_threadpool
 
 from bci_decoder.api.deps import Authorized, DaemonDep
-from bci_decoder.api.schemas import CalibrationCreate, CalibrationData, CalibrationPublic
-from bci_decoder.data.session import Behavior, Session
+from bci_decoder.api.errors import error_responses
+from bci_decoder.api.schemas import CalibrationPublic
+from bci_decoder.api.uploads import summarize
 from bci_decoder.runtime.calibration_jobs import CalibrationManager, JobSpec
 from bci_decoder.runtime.daemon import CALIBRATIONS, Daemon, DaemonError
 
@@ -25,143 +26,110 @@ def _manager(request: Request) -> CalibrationManager:
     return request.app.state.calibrations
 
 
-def session_from_arrays(d: CalibrationData, session_id: str, output: str) -> Session:
-    """Validate uploaded arrays (422 with what to fix) and build a Session."""
-    t = np.asarray(d.spike_times, np.float64)
-    u = np.asarray(d.spike_units, np.int64)
-    if len(t) != len(u):
-        raise DaemonError(f"spike_times has {len(t)} entries but spike_units {len(u)}", 422)
-    if len(t) == 0:
-        raise DaemonError("no spikes in the upload", 422)
-    if not np.isfinite(t).all():
-        raise DaemonError(f"spike_times has {int((~np.isfinite(t)).sum())} NaN/inf values", 422)
-    if u.min() < 0 or u.max() >= len(d.unit_ids):
-        raise DaemonError(
-            f"spike_units must index unit_ids (0..{len(d.unit_ids) - 1}); got {u.min()}..{u.max()}",
-            422,
-        )
-    if len(set(d.unit_ids)) != len(d.unit_ids):
-        raise DaemonError("unit_ids has duplicates", 422)
-    bt = np.asarray(d.behavior_times, np.float64)
-    try:
-        bx = np.asarray(d.behavior, np.float64)
-    except ValueError:
-        raise DaemonError("behavior rows must all have the same length", 422) from None
-    if bx.ndim != 2 or len(bx) != len(bt):
-        raise DaemonError(
-            f"behavior must be (T, D) with T = len(behavior_times) = {len(bt)}; got {bx.shape}",
-            422,
-        )
-    if not (np.isfinite(bt).all() and np.isfinite(bx).all()):
-        raise DaemonError("behavior_times/behavior contain NaN or inf", 422)
-    if np.any(np.diff(bt) <= 0):
-        raise DaemonError("behavior_times must increase strictly", 422)
-    order = np.argsort(t, kind="stable")
-    lo, hi = min(t.min(), bt[0]), max(t.max(), bt[-1])
-    return Session(
-        session_id=session_id, subject="upload", spike_times=t[order],
-        spike_units=u[order].astype(np.int32), unit_ids=list(d.unit_ids),
-        brain_areas=["unknown"] * len(d.unit_ids),
-        behavior={output: Behavior(output, bt, bx.astype(np.float32))},
-        domain=(float(lo), float(hi) + 1e-6),
-    )  # fmt: skip
-
-
-def session_from_nwb(b64: str, seconds: float, session_id: str | None) -> Session:
-    from bci_decoder.data.nwb import read_nwb
-
-    try:
-        raw = base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError):
-        raise DaemonError("nwb_base64 is not valid base64", 422) from None
-    with tempfile.NamedTemporaryFile(suffix=".nwb") as f:
-        f.write(raw)
-        f.flush()
-        try:
-            s = read_nwb(f.name)
-        except Exception as e:  # noqa: BLE001 - any reader failure is the upload's fault
-            raise DaemonError(
-                f"the uploaded file is not a readable NWB session: {e}", 422
-            ) from None
-    lo = s.domain[0]
-    s = s.slice(lo, min(s.domain[1], lo + seconds))
-    if session_id:
-        s.session_id = session_id
-    return s
-
-
 def _default_name(hint: str) -> str:
-    base = re.sub(r"[^A-Za-z0-9_.-]", "-", hint or "session")[:60]
+    base = re.sub(r"[^A-Za-z0-9_.-]", "-", hint or "session")[:60].lstrip("-_.") or "session"
     return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+# the body is parsed in the upload worker (api/uploads.py), not by FastAPI, so the route
+# declares its schema itself (app.py adds CalibrationCreate to the components)
+CREATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/CalibrationCreate"}}
+        },
+    }
+}
+
+
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=CalibrationPublic,
-             dependencies=[Authorized])  # fmt: skip
-def create(body: CalibrationCreate, daemon: DaemonDep, request: Request) -> dict:
-    """Start a calibration job (202 + its id). Poll ``GET /calibrations/{id}``."""
-    manager = _manager(request)
+             dependencies=[Authorized], openapi_extra=CREATE_BODY,
+             responses=error_responses(401, 403, 409, 413, 422, 503))  # fmt: skip
+async def create(request: Request, daemon: DaemonDep) -> dict:
+    """Start a calibration job (202 + its id) from a ``CalibrationCreate`` body. Poll
+    ``GET /calibrations/{id}``.
+
+    The body is streamed to a file and parsed in a worker process (JSON, base64, NWB),
+    so a large upload never holds the GIL the decode loop needs."""
+    folder = Path(daemon.cfg.state_dir) / "uploads"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, body_path = tempfile.mkstemp(dir=folder, suffix=".json")
+    session_path = body_path[: -len(".json")] + ".session.pkl"
+    try:
+        with os.fdopen(fd, "wb") as f:
+            async for chunk in request.stream():  # BodyLimit counts these
+                f.write(chunk)
+    except BaseException:
+        Path(body_path).unlink(missing_ok=True)
+        raise
+    reply = await asyncio.wrap_future(request.app.state.uploads.submit(body_path, session_path))
+    if "status" in reply:
+        Path(session_path).unlink(missing_ok=True)
+        raise DaemonError(reply["detail"], reply["status"], errors=reply.get("errors"))
+    try:
+        return await run_in_threadpool(_start_job, daemon, _manager(request), reply, session_path)
+    except BaseException:
+        Path(session_path).unlink(missing_ok=True)
+        raise
+
+
+def _start_job(daemon: Daemon, manager: CalibrationManager, reply: dict, path: str) -> dict:
+    """The checks that need the daemon (model outputs, names), then the job."""
+    body, summary = reply["body"], reply["summary"]
     model_outputs = daemon.decoder.model.output_names
-    if body.output is not None and body.output not in model_outputs:
+    if body["output"] is not None and body["output"] not in model_outputs:
         raise DaemonError(
-            f"output {body.output!r} is not one the model decodes: {model_outputs}", 422
+            f"output {body['output']!r} is not one the model decodes: {model_outputs}", 422
         )
-    if body.source == "buffer":
-        if body.data is not None or body.nwb_base64 is not None:
-            raise DaemonError(
-                "source 'buffer' takes no data; use source 'upload' to send data", 422
-            )
-        session, output, hint = daemon.calibration_block(body.seconds, body.output)
-    else:
-        if (body.data is None) == (body.nwb_base64 is None):
-            raise DaemonError("source 'upload' needs exactly one of 'data' or 'nwb_base64'", 422)
-        hint = body.session or "upload"
-        if body.data is not None:
-            output = body.output or "hand_vel"
-            session = session_from_arrays(body.data, body.session or "pending", output)
-        else:
-            session = session_from_nwb(body.nwb_base64, body.seconds, body.session)
-            output = body.output or session.default_output()
-            hint = session.session_id
-        if output not in session.behavior:
-            raise DaemonError(
-                f"the upload has no behaviour {output!r}: {list(session.behavior)}", 422
-            )
+    session = None
+    if body["source"] == "buffer":
+        session, output, hint = daemon.calibration_block(body["seconds"], body["output"])
+        summary = summarize(session) | {"output": output, "hint": hint}
+        path = None
+    output, hint = summary["output"], summary["hint"]
+    if output not in summary["behavior"]:
+        raise DaemonError(
+            f"the upload has no behaviour {output!r}: {list(summary['behavior'])}", 422
+        )
     if output not in model_outputs:
         raise DaemonError(f"output {output!r} is not one the model decodes: {model_outputs}", 422)
-    dim = daemon.decoder.model.output_dims[output]
-    if session.behavior[output].dim != dim:
+    dim, got = daemon.decoder.model.output_dims[output], summary["behavior"][output]["dim"]
+    if got != dim:
         raise DaemonError(
-            f"behaviour {output!r} has {session.behavior[output].dim} channels; the model's "
-            f"head has {dim}",
-            422,
+            f"behaviour {output!r} has {got} channels; the model's head has {dim}", 422
         )
-    name = body.name or _default_name(hint)
-    session.session_id = body.session or name
+    name = body["name"] or _default_name(hint)
+    summary["session_id"] = body["session"] or name
+    if session is not None:
+        session.session_id = summary["session_id"]
     base = daemon.model_dir
     out_dir = base / CALIBRATIONS / name
     if out_dir.exists():
         raise DaemonError(
             f"model {base.name} already has a calibration {name!r}; pick another name", 409
         )
-    if session.session_id in daemon.base_decoder().sessions:
+    if summary["session_id"] in daemon.base_decoder().sessions:
         raise DaemonError(
-            f"session {session.session_id!r} is already known to {base.name}; name the new "
+            f"session {summary['session_id']!r} is already known to {base.name}; name the new "
             "session differently ('session')",
             409,
         )
-    lo, hi = session.domain
-    if hi - lo < 5.0 or len(session.behavior[output].timestamps) < 20:
+    lo, hi = summary["domain"]
+    samples = summary["behavior"][output]["samples"]
+    if hi - lo < 5.0 or samples < 20:
         raise DaemonError(
-            f"calibration data spans {hi - lo:.1f} s with "
-            f"{len(session.behavior[output].timestamps)} behaviour samples: need >= 5 s and 20",
+            f"calibration data spans {hi - lo:.1f} s with {samples} behaviour samples: need "
+            ">= 5 s and 20",
             422,
         )
     spec = JobSpec(
         session=session, output=output, base_model=str(base), out_dir=str(out_dir), name=name,
-        steps=body.steps, holdout=body.holdout, refit=body.refit,
+        steps=body["steps"], holdout=body["holdout"], refit=body["refit"], session_path=path,
+        summary=summary,
     )  # fmt: skip
     Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
-    return manager.submit(spec, body.source, body.auto_apply).public()
+    return manager.submit(spec, body["source"], body["auto_apply"]).public()
 
 
 @router.get("", response_model=list[CalibrationPublic])
@@ -169,19 +137,21 @@ def list_jobs(request: Request) -> list[dict]:
     return [j.public() for j in _manager(request).jobs.values()]
 
 
-@router.get("/{job_id}", response_model=CalibrationPublic)
+@router.get("/{job_id}", response_model=CalibrationPublic, responses=error_responses(404, 422))
 def get(job_id: str, request: Request) -> dict:
     """State, progress, loss, held-out R² on the last 20% next to a Wiener filter."""
     return _manager(request).get(job_id).public()
 
 
-@router.delete("/{job_id}", response_model=CalibrationPublic, dependencies=[Authorized])
+@router.delete("/{job_id}", response_model=CalibrationPublic, dependencies=[Authorized],
+               responses=error_responses(401, 403, 404, 422))  # fmt: skip
 def cancel(job_id: str, request: Request) -> dict:
     """Cancel a running job (the running decoder is untouched)."""
     return _manager(request).cancel(job_id).public()
 
 
-@router.post("/{job_id}/apply", response_model=CalibrationPublic, dependencies=[Authorized])
+@router.post("/{job_id}/apply", response_model=CalibrationPublic, dependencies=[Authorized],
+             responses=error_responses(401, 403, 404, 409, 422, 503))  # fmt: skip
 def apply(job_id: str, request: Request) -> dict:
     """Swap the calibration's unit and session embeddings into the running decoder
     between two steps."""

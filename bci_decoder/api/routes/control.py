@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
 from bci_decoder.api.deps import Authorized, DaemonDep
+from bci_decoder.api.errors import error_responses
 from bci_decoder.api.metrics import prometheus_text
 from bci_decoder.api.schemas import Health, ModelLoad, ModelPublic, StateReply
 
@@ -32,14 +33,14 @@ def metrics(daemon: DaemonDep) -> str:
 
 
 @router.post("/decoder/start", response_model=StateReply, dependencies=[Authorized],
-             tags=["decoder"])  # fmt: skip
+             tags=["decoder"], responses=error_responses(401, 403, 409))  # fmt: skip
 def start(daemon: DaemonDep) -> StateReply:
     """Open the streams and decode at cadence (idempotent)."""
     return StateReply(state=daemon.start())
 
 
 @router.post("/decoder/stop", response_model=StateReply, dependencies=[Authorized],
-             tags=["decoder"])  # fmt: skip
+             tags=["decoder"], responses=error_responses(401, 403))  # fmt: skip
 def stop(daemon: DaemonDep) -> StateReply:
     """Stop decoding and close the streams (the output stream stays declared)."""
     return StateReply(state=daemon.stop())
@@ -50,7 +51,8 @@ def get_model(daemon: DaemonDep) -> dict:
     return daemon.describe_model()
 
 
-@router.put("/model", response_model=ModelPublic, dependencies=[Authorized], tags=["model"])
+@router.put("/model", response_model=ModelPublic, dependencies=[Authorized], tags=["model"],
+            responses=error_responses(401, 403, 404, 409, 413, 422, 503))  # fmt: skip
 def put_model(body: ModelLoad, daemon: DaemonDep) -> dict:
     """Load a model (by name from the models folder, optionally one of its stored
     calibrations); a running decoder switches between two steps."""
