@@ -459,5 +459,87 @@ def demo(
         _fail(f"demo failed: {e} (logs in {out / 'logs'})")
 
 
+@app.command()
+def falcon(
+    split: Annotated[
+        str, typer.Argument(help="FALCON split: m2 (m1, h1 need a head of their size)")
+    ],
+    data: Annotated[Path, typer.Option(help="FALCON data root: <data>/<split>/minival/*val*.nwb")],
+    model: Annotated[
+        Path, typer.Option(help="Model folder with the tags' calibrations")
+    ] = DEFAULT_MODEL,
+    tags: Annotated[
+        Path | None,
+        typer.Option(help="YAML: dataset tag -> calibration name (or known session) of --model"),
+    ] = None,
+    convert: Annotated[
+        Path | None,
+        typer.Option(
+            help="Instead of evaluating: write each <data>/<split>/*calib*/*.nwb "
+            "as an NWB file we calibrate on, into this folder"
+        ),  # fmt: skip
+    ] = None,
+    output: Annotated[str | None, typer.Option(help="Model output to decode")] = None,
+    batch_size: Annotated[int, typer.Option(help="Files decoded side by side")] = 1,
+    work: Annotated[Path, typer.Option(help="Evaluator pickles, ONNX cache")] = Path("out/falcon"),
+) -> None:
+    """Score a model with FALCON's own evaluator (falcon-challenge, Karpowicz
+    et al., NeurIPS 2024) on 20 ms binned counts.
+
+    Real data, once downloaded (pip install 'bci_decoder\\[falcon]' brings dandi;
+    M1 is dandiset 000941, M2 000953, H1 000954), under <data>/<split>/ with
+    minival/ and held_in_calib/ as FALCON ships them:
+
+    1. bci-decoder falcon m2 --data DATA --convert out/falcon/calib
+    (an NWB file per calib file, named falcon-m2-TAG, and tags.yaml)
+
+    2. per tag: bci-decoder calibrate --model MODEL --output hand_vel
+    --data out/falcon/calib/falcon-m2-TAG.nwb
+    --save MODEL/calibrations/falcon-m2-TAG
+
+    3. bci-decoder falcon m2 --data DATA --model MODEL
+    --tags out/falcon/calib/tags.yaml
+
+    Prints the evaluator's R² and normalised latency (compute time / data
+    time). M2's 2-D finger velocity decodes with the hand_vel head; M1 (16 EMG
+    channels) and H1 (7-D) need a model trained with a head of that size, else
+    the decoder says so.
+    """
+    import yaml
+
+    try:
+        from bci_decoder import falcon as fal
+    except ImportError as e:
+        _fail(str(e))
+    if split not in ("m1", "m2", "h1"):
+        _fail(f"split must be m1, m2 or h1 (the 20 ms regression tasks), not {split!r}")
+    if convert is not None:
+        from bci_decoder.data.nwb import write_nwb
+
+        files = sorted((data / split).glob("*calib*/*.nwb"))
+        if not files:
+            _fail(f"no calibration files under {data / split}/*calib*/ (download them first)")
+        mapping = {}
+        for f in files:
+            s = fal.read_falcon(f, split, output)
+            write_nwb(s, convert / f"{s.session_id}.nwb")
+            mapping[fal.dataset_tag(fal.task_config(split), f)] = s.session_id
+            typer.echo(f"{f.name} -> {convert / (s.session_id + '.nwb')}")
+        (convert / "tags.yaml").write_text(yaml.safe_dump(mapping))
+        typer.echo(f"wrote {convert / 'tags.yaml'}: calibrate each file, then name the "
+                   "calibration in it")  # fmt: skip
+        return
+    if tags is None or not tags.is_file():
+        _fail("--tags: a YAML file mapping each dataset tag to a calibration of --model")
+    cfg = fal.task_config(split)
+    try:
+        dec = fal.FalconDecoder(cfg, model, yaml.safe_load(tags.read_text()),
+                                batch_size=batch_size, output=output, state_dir=work)  # fmt: skip
+        result = fal.evaluate(dec, split, data, work)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps({k: float(v) for k, v in result.items()}, indent=1))
+
+
 if __name__ == "__main__":
     app()

@@ -309,6 +309,36 @@ def write_m2_file(
     return path
 
 
+OUTPUT_FOR = {"m2": "hand_vel"}  # the model output a split's behaviour trains (2-D finger velocity)
+
+
+def read_falcon(path: str | Path, split: str, output: str | None = None) -> Session:
+    """A FALCON file (e.g. a ``held_in_calib`` one) as a Session, through FALCON's own
+    loader: its 20 ms counts become spikes spread inside each bin, its behaviour is
+    stamped at the bin ends and kept where ``eval_mask`` is set; channel c is unit
+    ``ch{c:03d}``. Write it with ``bci_decoder.data.nwb.write_nwb`` and calibrate on it."""
+    from falcon_challenge.dataloaders import load_nwb
+
+    from bci_decoder.data.session import Behavior
+
+    cfg = task_config(split)
+    counts, target, _, mask = load_nwb(path, dataset=cfg.task)
+    counts = np.asarray(counts)
+    starts = np.arange(len(counts)) * BIN_S  # (T,)
+    times, units = spikes_from_counts(counts, starts, BIN_S, seed=0)
+    target = np.asarray(target, np.float32).reshape(len(counts), -1)  # (T, D)
+    keep = np.asarray(mask, bool).reshape(len(counts), -1).all(1) & np.isfinite(target).all(1)
+    output = output or OUTPUT_FOR.get(split, f"falcon_{split}")
+    tag = dataset_tag(cfg, path)
+    n = counts.shape[1]
+    return Session(
+        session_id=f"falcon-{split}-{tag}", subject=f"falcon-{split}", spike_times=times,
+        spike_units=units, unit_ids=[f"ch{c:03d}" for c in range(n)], brain_areas=["M1"] * n,
+        behavior={output: Behavior(output, starts[keep] + BIN_S, target[keep])},
+        domain=(0.0, float(len(counts) * BIN_S)),
+    )  # fmt: skip
+
+
 def evaluate(decoder: BCIDecoder, split: str, data_dir: str | Path, work: str | Path) -> dict:
     """Run FALCON's local evaluator (``FalconEvaluator.evaluate``, phase ``minival``) on
     ``decoder`` over ``<data_dir>/<split>/minival/*val*.nwb``; its prediction and

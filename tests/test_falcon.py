@@ -54,7 +54,13 @@ def test_layout_reads_back_through_falcon_loader(sessions, m2_files):
     assert counts.shape == (int(SECONDS / 0.02), s.num_units) and vel.shape[1] == 2
     assert np.array_equal(counts, falcon.bin_counts(s, starts))
     assert np.allclose(vel, falcon.target_at(s, "hand_vel", starts + falcon.BIN_S), atol=1e-5)
-    assert mask.sum() == len(mask) - 50 and trial_change.sum() == SECONDS / 5
+    assert mask.sum() == len(mask) - 50 and trial_change.sum() == np.ceil(SECONDS / 5)
+    # read back as a Session to calibrate on: the same counts in the same bins
+    back = falcon.read_falcon(path, "m2")
+    assert back.session_id == "falcon-m2-Run1_20201019" and back.num_units == s.num_units
+    rebinned = falcon.bin_counts(back, np.arange(len(counts)) * falcon.BIN_S)
+    assert np.array_equal(rebinned, counts)
+    assert len(back.behavior["hand_vel"].timestamps) == mask.sum()
 
 
 def test_falcon_evaluator_runs_our_decoder(sessions, m2_files, tmp_path):
