@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -63,51 +65,71 @@ PREVIOUS_GRU: dict[str, Any] = {"ensemble": 1, "input_dropout": 0.3}
 ORDER = list(REFERENCE["wiener"])
 
 
+def score_session(
+    path: Path,
+    which: tuple[str, ...],
+    seed: int,
+    fit_seconds: float | None = None,
+    with_previous: bool = False,
+    threads: int = 1,
+) -> dict:
+    """One session's row: output name, sizes, and R²/fit seconds per baseline."""
+    torch.set_num_threads(threads)
+    session = read_nwb(path)
+    output = session.default_output()
+    split = time_split(session)
+    fit = split.fit
+    if fit_seconds is not None:
+        fit = (fit[0], min(fit[0] + fit_seconds, fit[1]))
+    t0 = time.perf_counter()
+    res = evaluate_baselines(session, output, fit, split.test, which=which, seed=seed)
+    if with_previous:
+        prev = evaluate_baselines(
+            session, output, fit, split.test, ("gru",), seed, {"gru": PREVIOUS_GRU}
+        )
+        res["gru_previous"] = prev["gru"]
+    names = which + (("gru_previous",) if with_previous else ())
+    beh_ts = session.behavior[output].timestamps
+    row = {
+        "session": path.stem,
+        "output": output,
+        "units": session.num_units,
+        "bin_width": res["bin_width"],
+        "fit_samples": int(((beh_ts >= fit[0]) & (beh_ts < fit[1])).sum()),
+        "test_samples": len(res["timestamps"]),
+        "total_s": time.perf_counter() - t0,
+    }
+    for name in names:
+        row[name] = {k: v for k, v in res[name].items() if k != "pred"}
+    print(f"  {path.stem}: " + "  ".join(f"{n} {res[n]['r2']:.3f}" for n in names), flush=True)
+    return row
+
+
 def run(
     data: Path,
     which: tuple[str, ...],
     seed: int,
     fit_seconds: float | None = None,
     with_previous: bool = False,
+    threads: int = 1,
+    jobs: int = 1,
 ) -> list[dict]:
-    """One row per session: output name, sizes, and R²/fit seconds per baseline."""
+    """Rows for every session in ``data``, in the reference order. Sessions are
+    independent fits with ``threads`` torch threads each, so ``jobs`` processes give the
+    same figures as one."""
     files = sorted(
         data.glob("*.nwb"),
         key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else len(ORDER), p.stem),
     )
     if not files:
         raise SystemExit(f"no .nwb files in {data}")
-    rows = []
-    for path in files:
-        session = read_nwb(path)
-        output = session.default_output()
-        split = time_split(session)
-        fit = split.fit
-        if fit_seconds is not None:
-            fit = (fit[0], min(fit[0] + fit_seconds, fit[1]))
-        t0 = time.perf_counter()
-        res = evaluate_baselines(session, output, fit, split.test, which=which, seed=seed)
-        if with_previous:
-            prev = evaluate_baselines(
-                session, output, fit, split.test, ("gru",), seed, {"gru": PREVIOUS_GRU}
-            )
-            res["gru_previous"] = prev["gru"]
-        names = which + (("gru_previous",) if with_previous else ())
-        beh_ts = session.behavior[output].timestamps
-        row = {
-            "session": path.stem,
-            "output": output,
-            "units": session.num_units,
-            "bin_width": res["bin_width"],
-            "fit_samples": int(((beh_ts >= fit[0]) & (beh_ts < fit[1])).sum()),
-            "test_samples": len(res["timestamps"]),
-            "total_s": time.perf_counter() - t0,
-        }
-        for name in names:
-            row[name] = {k: v for k, v in res[name].items() if k != "pred"}
-        rows.append(row)
-        print(f"  {path.stem}: " + "  ".join(f"{n} {res[n]['r2']:.3f}" for n in names), flush=True)
-    return rows
+    args = (which, seed, fit_seconds, with_previous, threads)
+    if jobs <= 1:
+        return [score_session(path, *args) for path in files]
+    ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(score_session, path, *args) for path in files]
+        return [f.result() for f in futures]
 
 
 def table(rows: list[dict], names: tuple[str, ...], with_reference: bool = True) -> str:
@@ -176,13 +198,16 @@ def main() -> None:
         "--with-previous", action="store_true", help="also the GRU at its pre-tuning defaults"
     )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (figures depend on it)")
+    ap.add_argument("--jobs", type=int, default=1, help="sessions scored in parallel processes")
     ap.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     which = tuple(w.strip() for w in args.which.split(",") if w.strip())
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    rows = run(args.data, which, args.seed, args.fit_seconds, args.with_previous)
+    rows = run(
+        args.data, which, args.seed, args.fit_seconds, args.with_previous, args.threads, args.jobs
+    )
     names = which + (("gru_previous",) if args.with_previous else ())
     text = table(rows, names, with_reference=args.fit_seconds is None)
     print(text)
@@ -193,7 +218,8 @@ def main() -> None:
             "command": " ".join(["python"] + sys.argv),
             "seed": args.seed,
             "fit_seconds": args.fit_seconds,
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": args.threads,
+            "jobs": args.jobs,
             "machine": {
                 "cpus": os.cpu_count(),
                 "platform": platform.platform(),
@@ -206,7 +232,8 @@ def main() -> None:
         }
         args.json.write_text(json.dumps({**meta, "rows": rows}, indent=2))
         args.json.with_suffix(".txt").write_text(
-            f"{meta['command']}\ncommit {meta['commit']}, {meta['torch_threads']} torch thread(s), "
+            f"{meta['command']}\ncommit {meta['commit']}, {args.threads} torch thread(s) per "
+            f"session, {args.jobs} session(s) at a time, "
             f"load {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n\n"
             + text
             + "\n"

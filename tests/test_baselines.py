@@ -175,6 +175,28 @@ def test_gru_is_seeded(session: Session) -> None:
     a = GRUDecoder(max_epochs=2, seed=3).fit(X, y).predict(X)
     b = GRUDecoder(max_epochs=2, seed=3).fit(X, y).predict(X)
     np.testing.assert_array_equal(a, b)
+    c = GRUDecoder(max_epochs=2, seed=4).fit(X, y).predict(X)
+    assert not np.array_equal(a, c)
+
+
+def test_gru_ensemble_averages_its_seeds(session: Session) -> None:
+    """Members are trained with seeds seed, seed+1, ...; the prediction is their mean, and
+    the fit leaves the caller's torch RNG where it was."""
+    import torch
+
+    ts = session.behavior["hand_vel"].timestamps[:1200]
+    y = session.behavior["hand_vel"].data[:1200]
+    X = causal_features(session, ts, 20, 0.05)
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    ens = GRUDecoder(max_epochs=1, ensemble=2, seed=5).fit(X, y)
+    np.testing.assert_array_equal(torch.rand(3), expected_draw)
+    members = [GRUDecoder(max_epochs=1, ensemble=1, seed=s).fit(X, y).predict(X) for s in (5, 6)]
+    assert not np.allclose(members[0], members[1])
+    np.testing.assert_allclose(ens.predict(X), (members[0] + members[1]) / 2, atol=1e-6)
+    assert ens.epochs_run == 2 and len(ens.best_epoch) == 2
+    assert -1.0 < ens.valid_r2 <= 1.0
 
 
 @pytest.mark.slow
