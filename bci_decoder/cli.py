@@ -364,6 +364,28 @@ def serve(
 
 
 @app.command()
+def recording(
+    file: Annotated[Path, typer.Argument(help="A recording written by serve (recording:)")],
+    nwb: Annotated[
+        Path | None, typer.Option(help="Export to this NWB file (units, TimeSeries)")
+    ] = None,
+) -> None:
+    """Summarise a daemon recording (spikes, behaviour, outputs, events; it opens after a
+    SIGKILL too) and optionally export it to NWB."""
+    from bci_decoder.runtime.recorder import export_nwb, summary
+
+    if not file.exists():
+        _fail(f"no recording at {file}")
+    try:
+        info = summary(file)
+    except (OSError, KeyError) as e:
+        _fail(f"{file} is not a bci_decoder recording: {e}")
+    typer.echo(json.dumps(info, indent=1))
+    if nwb is not None:
+        typer.echo(f"wrote {export_nwb(file, nwb)}")
+
+
+@app.command()
 def replay(
     data: Annotated[Path | None, typer.Argument(help="NWB file to replay (or --simulate)")] = None,
     simulate: Annotated[

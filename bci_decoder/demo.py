@@ -78,6 +78,8 @@ def run_demo(
         "behavior": {"type": "Behavior", "source_id": f"{spikes_id}-behavior"},
         "control_source_id": control_id, "realtime_priority": realtime_priority,
         "api": {"host": "127.0.0.1", "port": port, "token": token},
+        # everything in and out, to HDF5 (bci-decoder recording FILE [--nwb OUT])
+        "recording": {"path": str(out / "recording.h5")},
     }  # fmt: skip
     (out / "serve.yaml").write_text(yaml.safe_dump(cfg))
     procs = ProcessGroup(out / "logs")

@@ -215,8 +215,9 @@ def _worker(spec: JobSpec, q: Any) -> None:
 class CalibrationManager:
     """Starts, tracks, cancels and applies calibration jobs (one runs at a time)."""
 
-    def __init__(self, apply: Any, max_jobs_kept: int = 100) -> None:
+    def __init__(self, apply: Any, max_jobs_kept: int = 100, events: Any = None) -> None:
         self._apply = apply  # callable(job) -> None: swap the calibration into the daemon
+        self._events = events or (lambda kind, **data: None)  # the recorder's events
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self.max_jobs_kept = max_jobs_kept
@@ -243,6 +244,8 @@ class CalibrationManager:
         job.process = proc
         job.state, job.started = "running", time.time()
         self._launcher.submit(proc.start).result()
+        self._events("calibration", id=job.id, name=job.name, state="running",
+                     source=source, summary=spec.summary)  # fmt: skip
         threading.Thread(target=self._watch, args=(job, q), daemon=True).start()
         return job
 
@@ -287,6 +290,8 @@ class CalibrationManager:
             if job.state in ("done", "failed", "cancelled"):
                 proc.join(timeout=5)
                 self._forget_upload(job)
+                self._events("calibration", id=job.id, name=job.name, state=job.state,
+                             heldout_r2=job.r2, error=job.error)  # fmt: skip
                 return
 
     @staticmethod

@@ -154,6 +154,37 @@ class Daemon:
         if cfg.gc_freeze:
             freeze(collect=True)  # nothing runs on deadlines yet: collect, then freeze
         self.gc = GcMonitor()  # collections from here on (the one above took ~150 ms)
+        self.recorder = self._open_recorder()
+        self._last_state = self.state
+
+    def _open_recorder(self):
+        rc = self.cfg.recording
+        if rc is None:
+            return None
+        from bci_decoder.runtime.recorder import Recorder
+
+        path = Path(rc.path) if rc.path else self.state_dir / "recordings"
+        if path.suffix not in (".h5", ".hdf5"):
+            path = path / f"{time.strftime('%Y%m%d-%H%M%S')}.h5"
+        rec = Recorder(path, flush_s=rc.flush_s, queue_spikes=rc.queue_spikes,
+                       queue_outputs=rc.queue_outputs)  # fmt: skip
+        rec.event("start", model=self.model_name, calibration=self.calibration,
+                  config=self.cfg.model_dump(mode="json", exclude={"api"}))  # fmt: skip
+        log.info("recording to %s", path)
+        return rec
+
+    def record_event(self, kind: str, **data) -> None:
+        if self.recorder is not None:
+            self.recorder.event(kind, **data)
+
+    def _emit(self, y: np.ndarray, t: float) -> None:
+        """The decode loop's output: to the Control outlet, then (a few stores) to the
+        recorder's preallocated ring."""
+        self.outlet.push(y, t)
+        rec = self.recorder
+        if rec is not None:
+            loop = self.loop
+            rec.output(t, y, lsl_clock(), loop.step_ms.last(), loop.last_safe)
 
     # ---------------------------------------------------------------- engines
     def onnx_dir(self, base: Path, decoder: Decoder) -> Path:
@@ -271,11 +302,16 @@ class Daemon:
                 cfg.spikes, self.ring, max_future_s=cfg.max_future_s,
                 rt_priority=cfg.realtime_priority,
             )  # fmt: skip
+            rec = self.recorder
+            if rec is not None:
+                self.spike_inlet.on_spikes = rec.spikes_in
             self.spike_inlet.start()
             if cfg.behavior is not None:
                 self.behavior_inlet = BehaviorInletThread(
                     cfg.behavior, cfg.behavior_seconds, max_mb=cfg.behavior_max_mb
                 )
+                if rec is not None:
+                    self.behavior_inlet.on_samples = rec.behavior_in
                 self.behavior_inlet.start()
             self._seen_connects = 0
             self._supervisor = threading.Thread(
@@ -301,6 +337,9 @@ class Daemon:
         self.stop()
         self.outlet = None
         self.gc.close()
+        if self.recorder is not None:
+            self.record_event("close")
+            self.recorder.close()
 
     def _realtime(self) -> dict:
         """The hot threads' scheduling as the kernel reports it, and why real-time
@@ -327,7 +366,18 @@ class Daemon:
         """Build the engine when the spike stream (re)connects; start the loop once."""
         inlet = self.spike_inlet
         while not self._stop.wait(0.05):
+            state = self.state
+            if state != self._last_state:
+                self.record_event("state", state=state, previous=self._last_state)
+                self._last_state = state
             if inlet.connected.is_set() and inlet.stats.connects != self._seen_connects:
+                info = inlet.info
+                self.record_event(
+                    "spike-stream", labels=list(inlet.labels), connects=inlet.stats.connects,
+                    name=info.name() if info else None,
+                    source_id=info.source_id() if info else None,
+                    hostname=info.hostname() if info else None,
+                )  # fmt: skip
                 try:
                     with self._lock:
                         if self._stop.is_set():
@@ -351,11 +401,10 @@ class Daemon:
                 cfg.cadence_hz,
             )  # fmt: skip
         if self.loop is None:
-            outlet = self
             self.loop = DecodeLoop(
                 self.ring,
                 active,
-                lambda y, t: outlet.outlet.push(y, t),
+                self._emit,
                 cadence_hz=cfg.cadence_hz,
                 safe_output=cfg.safe_output,
                 stalled=self._stalled,
@@ -409,6 +458,7 @@ class Daemon:
             except Exception:
                 self.decoder, self.model_dir, self.model_name, self.calibration = prev
                 raise
+            self.record_event("model", name=name, calibration=calibration)
             return self.describe_model()
 
     def load_model(self, name: str, calibration: str | None = None) -> dict:
@@ -584,4 +634,5 @@ class Daemon:
             "stream": stream,
             "behavior": behavior,
             "uptime_s": time.time() - self.started,
+            "recording": self.recorder.public() if self.recorder is not None else None,
         }

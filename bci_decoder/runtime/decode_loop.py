@@ -82,6 +82,9 @@ class LatencyLog:
         self.values[self.n % len(self.values)] = ms
         self.n += 1
 
+    def last(self) -> float:
+        return float(self.values[(self.n - 1) % len(self.values)]) if self.n else float("nan")
+
     def recent(self) -> np.ndarray:
         return self.values[: min(self.n, len(self.values))]
 
@@ -126,6 +129,7 @@ class DecodeLoop(threading.Thread):
         self._stop_event = threading.Event()
         self._pending: ActiveEngine | None = None
         self._logged_error = float("-inf")
+        self.last_safe = False  # whether the last output sent was the safe value
         self._swapped = threading.Event()
         self._last = np.zeros(len(active.labels), np.float32)
         self._carry_t = np.zeros(0, np.float64)  # spikes read but newer than the last step
@@ -239,14 +243,17 @@ class DecodeLoop(threading.Thread):
                 raise NonFiniteOutput(f"the engine's output at t={t:.3f} is not finite: {y}")
             self._last[:] = y
             out = self._last
+            self.last_safe = False
         except _Stalled:
             st.safe_steps += 1
             out = self._safe()
+            self.last_safe = True
         except Exception as e:  # noqa: BLE001 - the loop must outlive any one step
             st.errors += 1
             st.safe_steps += 1
             st.last_error = f"{type(e).__name__}: {e}"[:500]
             st.last_error_clock = t
+            self.last_safe = True
             if t - self._logged_error > 5.0:  # a broken model fails every step: log rarely
                 self._logged_error = t
                 log.exception("decode step at t=%.4f failed; sending the safe value", t)

@@ -61,6 +61,14 @@ class SampleRing:
                 self.data[: n - first] = data[first:]
             self.written += n
 
+    def write_one(self, t: float, row: np.ndarray) -> None:
+        """Append one sample without allocating (the decode loop's recorder hand-off)."""
+        with self._lock:
+            i = self.written % self.capacity
+            self.times[i] = t
+            self.data[i] = row
+            self.written += 1
+
     def read(self, cursor: int) -> tuple[np.ndarray, np.ndarray, int, int]:
         """Samples written since ``cursor``: (times, data, new_cursor, lost).
 

@@ -159,4 +159,6 @@ def apply(job_id: str, request: Request) -> dict:
 
 
 def make_manager(daemon: Daemon) -> CalibrationManager:
-    return CalibrationManager(lambda job: daemon.load_model(daemon.model_name, job.name))
+    return CalibrationManager(
+        lambda job: daemon.load_model(daemon.model_name, job.name), events=daemon.record_event
+    )
