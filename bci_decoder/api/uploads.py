@@ -183,6 +183,11 @@ def summarize(session: Session) -> dict:
     }
 
 
+def _worker_init(parent_pid: int) -> None:
+    die_with_parent(parent_pid)
+    os.nice(10)  # parsing yields the CPU to the daemon's threads on a busy machine
+
+
 class UploadParser:
     """One worker process, spawned from a thread that lives as long as the parser (a
     death signal fires when the *thread* that forked the child ends)."""
@@ -194,7 +199,7 @@ class UploadParser:
 
     def _start(self) -> cf.ProcessPoolExecutor:
         pool = cf.ProcessPoolExecutor(
-            1, mp_context=mp.get_context("spawn"), initializer=die_with_parent,
+            1, mp_context=mp.get_context("spawn"), initializer=_worker_init,
             initargs=(os.getpid(),),
         )  # fmt: skip
         pool.submit(int).result()  # the worker exists now, spawned from this thread
