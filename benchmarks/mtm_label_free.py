@@ -7,7 +7,7 @@ not move). A fourth session of the same simulator (``sim7_s3``: new units, new t
 never seen) is then calibrated
 
 - with zero labels (``fit_units_unsupervised``: the masked objective on its spikes only,
-  on the first 60 s of its training part, and on the whole first 70%),
+  on the first 60 s of its training part; ``--full``: on the whole first 70%),
 - supervised, on the first 60 s with behaviour (``fit_units``),
 - not at all (new units at the mean of the pretrained ones; the floor),
 
@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150, help="calibration steps, each fit")
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--save-head", type=Path, default=Path("out/poyo-mp-small-mtmhead"))
+    ap.add_argument("--full", action="store_true", help="also label-free on the whole 70%%")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -104,10 +105,11 @@ def main() -> None:
         f"label-free {args.seconds:.0f} s (0 labels)",
         lambda: fit_units_unsupervised(head, new, short, ust),
     )
-    run(
-        f"label-free {split.fit[1] - split.fit[0]:.0f} s (0 labels)",
-        lambda: fit_units_unsupervised(head, new, split.fit, ust),
-    )
+    if args.full:
+        run(
+            f"label-free {split.fit[1] - split.fit[0]:.0f} s (0 labels)",
+            lambda: fit_units_unsupervised(head, new, split.fit, ust),
+        )
     run(
         f"supervised fit_units {args.seconds:.0f} s",
         lambda: fit_units(dec, new, output, short, CalibrationSettings(steps=args.steps)),

@@ -494,8 +494,21 @@ class POYO(nn.Module):
         prompt = head.prompt_emb(mtm_scheme)  # (B, D)
         extra = head.marker_proj(mtm_marker @ unit_e) + prompt[:, None]  # (B, K, D)
         x, t = self.window_latents(spike_unit, spike_time, spike_mask, latent_time, extra)
+        # each bin's visible population vector (sum of the unit embeddings of its visible
+        # spikes; zero in a hidden bin): without it the bin queries start nearly alike and
+        # the bilinear readout sat at the per-unit mean rates (loss = the null's, to 1e-5)
+        B, T = mtm_bin_time.shape
+        width = (mtm_bin_time[:, 1:2] - mtm_bin_time[:, :1]) if T > 1 else None
+        if width is None:
+            raise ValueError("the MtM readout needs at least two bins per window")
+        first = mtm_bin_time[:, :1] - width / 2  # (B, 1) start of bin 0
+        slot = (torch.ceil((spike_time - first) / width).long() - 1).clamp(0, T - 1)  # (B, N)
+        emb = self.unit_emb(spike_unit) * spike_mask.unsqueeze(-1)  # (B, N, D)
+        bin_sum = emb.new_zeros(B, T, emb.shape[-1]).scatter_add(
+            1, slot.unsqueeze(-1).expand_as(emb), emb
+        )  # (B, T, D)
         y = (head.query_emb + prompt + self.session_emb(session))[:, None]  # (B, 1, D)
-        y = y.expand(-1, mtm_bin_time.shape[1], -1)  # (B, T, D)
+        y = y + head.bin_proj(bin_sum)  # (B, T, D)
         bias = self.attention_bias(head.attn, mtm_bin_time, t, None)
         y = y + self._attend(head.attn, y, mtm_bin_time, x, t, bias)
         y = head.norm(y + head.ffn(y))
@@ -528,6 +541,7 @@ class MtMHead(nn.Module):
         self.prompt_emb = nn.Embedding(len(SCHEMES), c.dim)
         nn.init.normal_(self.prompt_emb.weight, std=0.02)
         self.marker_proj = nn.Linear(c.dim, c.dim)
+        self.bin_proj = nn.Linear(c.dim, c.dim)
         self.query_emb = nn.Parameter(torch.zeros(c.dim))
         self.attn = RotaryAttention(c.dim, c.cross_heads, c.dim_head, num_freqs)
         self.ffn = FeedForward(c.dim, c.ffn_mult)
