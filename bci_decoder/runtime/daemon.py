@@ -37,7 +37,13 @@ from bci_decoder.train.checkpoint import Decoder
 
 log = logging.getLogger(__name__)
 
-AXIS_LABELS = {"hand_vel": ["vx", "vy"], "hand_pos": ["px", "py"], "force": ["fx", "fy"]}
+AXIS_LABELS = {
+    "hand_vel": ["vx", "vy"],
+    "hand_pos": ["px", "py"],
+    "force": ["fx", "fy"],
+    "cursor_vel": ["vx", "vy"],
+    "cursor_pos": ["px", "py"],
+}
 CALIBRATIONS = "calibrations"
 DEGRADED_HOLD_S = 5.0  # a failed step keeps the state ``degraded`` this long
 
@@ -150,6 +156,7 @@ class Daemon:
         self._retired_rejected: dict[str, int] = {}
         self.started = time.time()
         self.providers: list[str] = []
+        self.tables: dict = {}  # which tables decode (/status), set by prepare
         self.onnx_dir(self.model_dir, self.decoder)  # export (or find) the graphs now
         if cfg.gc_freeze:
             freeze(collect=True)  # nothing runs on deadlines yet: collect, then freeze
@@ -227,6 +234,15 @@ class Daemon:
         from bci_decoder.runtime.engine import StreamingEngine
 
         session, known = self._session_for(decoder, hint)
+        tables = {"kind": "pretrained" if known else "none: units unknown until calibrated"}
+        if decoder.info.get("calibration", {}).get("session") == session:
+            tables["kind"] = "calibrated"
+        if not known and labels:
+            warm = self._zero_shot(decoder, labels, hint)
+            if warm is not None:  # a new day of a known subject: its earlier days' tables
+                decoder, session, known = warm, warm.info["calibrated"]["session"], True
+                tables = {"kind": "zero-shot warm start", **warm.info["warm_start"]}
+        self.tables = tables | {"session": session}
         output = self.cfg.output if self.cfg.output in decoder.norms[session] else None
         output = output or next(iter(decoder.norms[session]))
         kw = {}
@@ -278,6 +294,36 @@ class Daemon:
             model=self.model_name,
             calibration=self.calibration,
         )
+
+    def _zero_shot(self, decoder: Decoder, labels: list[str], hint: str) -> Decoder | None:
+        """The model with a new day of the stream's subject added from its earlier days'
+        tables (``calibrate.zero_shot``), or None when the stream names no subject the
+        model knows or none of its channels."""
+        from bci_decoder.calibrate import zero_shot
+        from bci_decoder.data.session import Session
+        from bci_decoder.subjects import subject_sessions
+
+        inlet = self.spike_inlet
+        subject = inlet.subject_hint if inlet is not None else ""
+        recorded = inlet.recorded_hint if inlet is not None else ""
+        days = subject_sessions(decoder.info, subject, recorded) if subject else []
+        if not days:
+            return None
+        output = self.cfg.output or next(iter(decoder.norms.get(days[0], {})), None)
+        if output is None or output not in decoder.model.output_names:
+            return None
+        shell = Session(
+            session_id=hint or f"{subject}-new-day", subject=subject, spike_times=np.zeros(0),
+            spike_units=np.zeros(0, np.int32), unit_ids=list(labels),
+            brain_areas=["unknown"] * len(labels), behavior={}, domain=(0.0, 0.0),
+            recorded_at=recorded,
+        )  # fmt: skip
+        try:
+            dec = zero_shot(decoder, shell, output)
+        except ValueError as e:
+            log.info("no zero-shot start: %s", e)
+            return None
+        return dec if dec.info["warm_start"]["units_matched"] > 0 else None
 
     # ---------------------------------------------------------------- control
     @property
@@ -511,11 +557,12 @@ class Daemon:
         labels = list(inlet.labels) or [str(i) for i in range(int(su.max(initial=-1)) + 1)]
         keep = (su >= 0) & (su < len(labels))
         session = Session(
-            session_id="pending", subject="rig", spike_times=st[keep],
+            session_id="pending", subject=inlet.subject_hint or "rig", spike_times=st[keep],
             spike_units=su[keep].astype(np.int32), unit_ids=labels,
             brain_areas=["unknown"] * len(labels),
             behavior={out: Behavior(out, bt, bx)},
             domain=(float(min(bt[0], st[0] if len(st) else bt[0])), float(bt[-1]) + 1e-6),
+            recorded_at=inlet.recorded_hint,
         )  # fmt: skip
         return session, out, inlet.session_hint
 
@@ -531,6 +578,9 @@ class Daemon:
             "session": active.session if active else None,
             "output": active.output if active else None,
             "calibrated": active.calibrated if active else None,
+            # which unit/session tables decode and where they came from (zero-shot: the
+            # subject's earlier days, per channel)
+            "tables": self.tables if active else None,
         }
 
     def status(self) -> dict:

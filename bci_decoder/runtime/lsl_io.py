@@ -77,17 +77,33 @@ def _append_channels(info: pylsl.StreamInfo, labels: list[str], unit: str = "") 
 
 
 def spike_stream_info(
-    name: str, source_id: str, unit_labels: list[str], session_id: str = ""
+    name: str,
+    source_id: str,
+    unit_labels: list[str],
+    session_id: str = "",
+    subject: str = "",
+    recorded_at: str = "",
 ) -> pylsl.StreamInfo:
-    """An irregular-rate int32 spike-event stream with (unit, seq) channels."""
+    """An irregular-rate int32 spike-event stream with (unit, seq) channels.
+
+    ``desc/session`` names the recording; ``desc/subject`` (and ``desc/recorded_at``)
+    let the daemon start a new day of a known subject from its earlier days' tables."""
     info = pylsl.StreamInfo(name, "Spikes", 2, pylsl.IRREGULAR_RATE, pylsl.cf_int32, source_id)
     _append_channels(info, ["unit", SEQ_LABEL])
     units = info.desc().append_child("units")
     for label in unit_labels:
         units.append_child("unit").append_child_value("label", label)
-    if session_id:
-        info.desc().append_child_value("session", session_id)
+    describe_recording(info, session_id, subject, recorded_at)
     return info
+
+
+def describe_recording(
+    info: pylsl.StreamInfo, session_id: str, subject: str = "", recorded_at: str = ""
+) -> None:
+    """``desc/session``, ``desc/subject`` and ``desc/recorded_at``, where known."""
+    for key, value in (("session", session_id), ("subject", subject), ("recorded_at", recorded_at)):
+        if value:
+            info.desc().append_child_value(key, value)
 
 
 def behavior_stream_info(
@@ -346,6 +362,8 @@ class SpikeInletThread(InletThread):
         self.on_spikes = None  # optional callable(times, units): the recorder
         self.labels: list[str] = []
         self.session_hint = ""
+        self.subject_hint = ""  # desc/subject: a new day of a known subject
+        self.recorded_hint = ""  # desc/recorded_at
         self.counts = False
         self._seq_col: int | None = None
         self._last_seq: int | None = None
@@ -358,6 +376,8 @@ class SpikeInletThread(InletThread):
         self.counts = info.type() == "SpikeCounts" or info.nominal_srate() > 0
         self.labels = unit_labels(info)
         self.session_hint = desc_value(info, "session")
+        self.subject_hint = desc_value(info, "subject")
+        self.recorded_hint = desc_value(info, "recorded_at")
         chans = channel_labels(info)
         self._seq_col = chans.index(SEQ_LABEL) if (not self.counts and SEQ_LABEL in chans) else None
         self._last_seq = None

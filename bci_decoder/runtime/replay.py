@@ -20,7 +20,11 @@ import pylsl
 
 from bci_decoder.data.session import Session
 from bci_decoder.runtime.decode_loop import lsl_clock
-from bci_decoder.runtime.lsl_io import behavior_stream_info, spike_stream_info
+from bci_decoder.runtime.lsl_io import (
+    behavior_stream_info,
+    describe_recording,
+    spike_stream_info,
+)
 
 
 @dataclass
@@ -84,9 +88,16 @@ class Replayer(threading.Thread):
             chans = info.desc().append_child("channels")
             for u in session.unit_ids:
                 chans.append_child("channel").append_child_value("label", u)
-            info.desc().append_child_value("session", session.session_id)
+            describe_recording(info, session.session_id, session.subject, session.recorded_at)
         else:
-            info = spike_stream_info(name, sid, list(session.unit_ids), session.session_id)
+            info = spike_stream_info(
+                name,
+                sid,
+                list(session.unit_ids),
+                session.session_id,
+                session.subject,
+                session.recorded_at,
+            )
         # max_buffered counts hundreds of samples for an irregular stream: 1,000 holds
         # 100,000 spikes (25 s of 200 units at 20 Hz) for a receiver that falls behind
         self.spike_outlet = pylsl.StreamOutlet(
