@@ -203,6 +203,9 @@ def test_future_timestamp_is_rejected_and_counted(session, models_dir, state_dir
         push(1, offset=1000.0)  # one spike stamped 1000 s in the future
         stream(2.0)
         st = srv.status()
+        # finding 8: which stream was opened (the daemon is pinned to this source id)
+        assert st["stream"]["source_id"] == cfg.spikes.source_id == st["stream"]["pinned_source_id"]
+        assert st["stream"]["hostname"] == socket.gethostname() and st["stream"]["name"] == "f"
         assert st["dropped"]["future_time"] == 1
         assert st["dropped"]["out_of_order"] == 0  # it did not become the newest time
         assert st["state"] == "running"
