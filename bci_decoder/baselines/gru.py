@@ -29,7 +29,10 @@ small center-out sessions, whose single-seed scores swing by up to +-0.05):
 - Test R² at these defaults (seed 0): chewie_20131003 0.586, chewie_20131219 0.624,
   mihi_20140303 0.769 (reference 0.533 / 0.608 / 0.744); seeds 0-3 mean 0.577 / 0.625 /
   0.764. GRU(60 s), the first 60 s of the training part, vs one model at the previous
-  defaults: stevenson 0.669 (0.646), millerlab 0.559 (0.557), jango_20160626 0.881 (0.870).
+  defaults (benchmarks/results/baselines_real_60s.txt): stevenson 0.669 (0.646),
+  millerlab 0.559 (0.557), jango_20160626 0.881 (0.870), jango_20160711 0.894 (0.886),
+  chewie_20131003 0.392 (0.356), chewie_20131219 0.624 (0.617), mihi 0.748 (0.718);
+  mean 0.681 (0.664), validation tail 0.718 (0.699).
 ``benchmarks/baselines_real.py`` writes the per-session tables to
 benchmarks/results/baselines_real.txt (full 70%) and baselines_real_60s.txt (60 s).
 
