@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from bci_decoder.api.deps import Authorized, DaemonDep
 from bci_decoder.api.errors import error_responses
 from bci_decoder.api.schemas import CalibrationPublic
-from bci_decoder.api.uploads import summarize
+from bci_decoder.api.uploads import parse_upload, summarize
 from bci_decoder.runtime.calibration_jobs import CalibrationManager, JobSpec
 from bci_decoder.runtime.daemon import CALIBRATIONS, Daemon, DaemonError
 
@@ -30,6 +30,10 @@ def _default_name(hint: str) -> str:
     base = re.sub(r"[^A-Za-z0-9_.-]", "-", hint or "session")[:60].lstrip("-_.") or "session"
     return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
 
+
+# a body this small (a buffer request) parses in microseconds, so it never waits for the
+# worker (whose spawn can take tens of seconds on a loaded machine)
+SMALL_BODY = 64 * 1024
 
 # the body is parsed in the upload worker (api/uploads.py), not by FastAPI, so the route
 # declares its schema itself (app.py adds CalibrationCreate to the components)
@@ -63,7 +67,10 @@ async def create(request: Request, daemon: DaemonDep) -> dict:
     except BaseException:
         Path(body_path).unlink(missing_ok=True)
         raise
-    reply = await asyncio.wrap_future(request.app.state.uploads.submit(body_path, session_path))
+    if os.path.getsize(body_path) <= SMALL_BODY:  # microseconds to parse: no worker trip
+        reply = await run_in_threadpool(parse_upload, body_path, session_path)
+    else:
+        reply = await asyncio.wrap_future(request.app.state.uploads.submit(body_path, session_path))
     if "status" in reply:
         Path(session_path).unlink(missing_ok=True)
         raise DaemonError(reply["detail"], reply["status"], errors=reply.get("errors"))
