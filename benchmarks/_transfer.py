@@ -37,25 +37,37 @@ def model_hash(folder: Path) -> str:
     return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()[:12]
 
 
+def baselines_hash() -> str:
+    """The baselines' own code: their scores do not depend on the model, only on this."""
+    src = Path(__file__).resolve().parents[1] / "bci_decoder" / "baselines"
+    h = hashlib.sha256()
+    for f in sorted(src.glob("*.py")):
+        h.update(f.read_bytes())
+    return "baselines-" + h.hexdigest()[:12]
+
+
 class Study:
     """Scores of methods on held-out sessions of one model, cached on disk."""
 
-    def __init__(self, model: Path, cache: Path = CACHE) -> None:
+    def __init__(self, model: Path | None, cache: Path = CACHE) -> None:
         torch.set_num_threads(1)  # as the REST calibration job: one thread
         self.model_dir = model
-        self.decoder = Decoder.load(model)
-        self.cache = cache / model_hash(model)
-        self.cache.mkdir(parents=True, exist_ok=True)
+        self.decoder = Decoder.load(model) if model is not None else None
+        self.cache = cache / (model_hash(model) if model is not None else "no-model")
+        self.baseline_cache = cache / baselines_hash()
+        for c in (self.cache, self.baseline_cache):
+            c.mkdir(parents=True, exist_ok=True)
 
     def held_out(self) -> list[str]:
         return list(self.decoder.info.get("train_config", {}).get("data", {}).get("exclude", []))
 
     def score(self, session: Session, method: str) -> dict:
         """``{"r2": ..., "wall_s": ..., ...}`` of one method, from the cache if there."""
-        path = self.cache / f"{session.session_id}.json"
+        folder = self.baseline_cache if method.startswith(("gru", "wiener")) else self.cache
+        path = folder / f"{session.session_id}.json"
         done = json.loads(path.read_text()) if path.exists() else {}
         if method not in done:
-            if session.session_id in self.decoder.sessions:
+            if folder is self.cache and session.session_id in self.decoder.sessions:
                 raise SystemExit(f"{session.session_id} was pretrained on: not held out")
             t0, c0 = time.perf_counter(), time.process_time()
             entry = self._run(session, method)
