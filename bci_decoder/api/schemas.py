@@ -35,6 +35,9 @@ class ModelPublic(BaseModel):
     session: str | None
     output: str | None
     calibrated: bool | None
+    # which unit/session tables decode and where they came from: "pretrained",
+    # "calibrated", "zero-shot warm start" (with the days and units it matched) or none
+    tables: dict | None = None
 
 
 class CalibrationData(BaseModel):
