@@ -200,6 +200,11 @@ def calibrate(
         )
     except ValueError as e:
         _fail(str(e))
+    _emit_calibration(report, calibrated, json_out, save)
+
+
+def _emit_calibration(report: dict, calibrated, json_out: Path | None, save: Path | None) -> None:
+    """Print a calibration report, write its JSON and save the calibrated model, as asked."""
     typer.echo(json.dumps(report, indent=1))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -218,13 +223,7 @@ def _calibrate_label_free(dec, session, seconds, output, steps, json_out, save) 
         )
     except ValueError as e:
         _fail(str(e))
-    typer.echo(json.dumps(report, indent=1))
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=1))
-    if save:
-        calibrated.save(save)
-        typer.echo(f"calibrated model saved to {save}")
+    _emit_calibration(report, calibrated, json_out, save)
 
 
 @app.command("evaluate-ssl")

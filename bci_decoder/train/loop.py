@@ -25,12 +25,14 @@ from bci_decoder.model.vocab import UnitVocab, Vocab, unit_key
 from bci_decoder.subjects import session_unit_rates
 from bci_decoder.train.checkpoint import Decoder, Normalizer
 from bci_decoder.train.data import BatchSampler, SessionSource
-from bci_decoder.train.objectives import MtMObjective, masked_mse, unlabelled_sessions
+from bci_decoder.train.objectives import MtMObjective, masked_mse
 
 __all__ = ["build_decoder", "gather_sessions", "masked_mse", "train", "validate"]
 
 
-def gather_sessions(cfg: TrainConfig) -> list[Session]:
+def selected_sessions(cfg: TrainConfig) -> list[Session]:
+    """Every session the config selects (data.real, data.simulate, include/exclude),
+    with or without behaviour, each file read once."""
     sessions: list[Session] = []
     for path in cfg.data.real:
         sessions.extend(load_sessions(path))
@@ -38,7 +40,12 @@ def gather_sessions(cfg: TrainConfig) -> list[Session]:
         sessions.extend(simulate_sessions(cfg.data.simulate))
     if cfg.data.include:
         sessions = [s for s in sessions if s.session_id in cfg.data.include]
-    sessions = [s for s in sessions if s.session_id not in cfg.data.exclude]
+    return [s for s in sessions if s.session_id not in cfg.data.exclude]
+
+
+def gather_sessions(cfg: TrainConfig, selected: list[Session] | None = None) -> list[Session]:
+    """The selected sessions that have behaviour (the supervised objective's)."""
+    sessions = selected_sessions(cfg) if selected is None else selected
     unlabelled = [s.session_id for s in sessions if not s.behavior]
     if unlabelled:  # nothing to regress on; the masked objective (MtM) is what can use them
         print(f"skipping sessions without behaviour: {', '.join(unlabelled)}")
@@ -155,8 +162,11 @@ def train(
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     out = Path(cfg.out)
-    sessions = gather_sessions(cfg)
-    extra = unlabelled_sessions(cfg) if cfg.mtm.enabled and cfg.mtm.unlabelled else []
+    selected = selected_sessions(cfg)
+    sessions = gather_sessions(cfg, selected)
+    extra = (
+        [s for s in selected if not s.behavior] if cfg.mtm.enabled and cfg.mtm.unlabelled else []
+    )
     if distributed and cfg.mtm.enabled:
         raise ValueError("mtm.enabled is not supported under torchrun yet: train on one process")
     decoder, sources = build_decoder(cfg, sessions, extra)

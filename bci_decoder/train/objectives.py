@@ -76,21 +76,6 @@ class MtMObjective:
         )
 
 
-def unlabelled_sessions(cfg: TrainConfig) -> list[Session]:
-    """The config's sessions that have no behaviour (the masked objective can use them)."""
-    from bci_decoder.data.nwb import load_sessions
-    from bci_decoder.data.simulate import simulate_sessions
-
-    sessions: list[Session] = []
-    for path in cfg.data.real:
-        sessions.extend(load_sessions(path))
-    if cfg.data.simulate is not None:
-        sessions.extend(simulate_sessions(cfg.data.simulate))
-    if cfg.data.include:
-        sessions = [s for s in sessions if s.session_id in cfg.data.include]
-    return [s for s in sessions if s.session_id not in cfg.data.exclude and not s.behavior]
-
-
 def attach_mtm_head(decoder: Decoder) -> Decoder:
     """A copy of ``decoder`` with a fresh MtM head; every pretrained weight kept as is."""
     from bci_decoder.model.poyo import POYO
