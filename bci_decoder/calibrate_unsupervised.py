@@ -28,7 +28,7 @@ import torch
 from torch.func import functional_call
 from tqdm import tqdm
 
-from bci_decoder.calibrate import _SEED_LOCK, add_session, score_span
+from bci_decoder.calibrate import _SEED_LOCK, NewRows, add_session, lr_factor, score_span
 from bci_decoder.config import MtMSettings
 from bci_decoder.data.session import Session, time_split
 from bci_decoder.decode import to_torch
@@ -119,25 +119,12 @@ def fit_units_unsupervised(
     model = dec.model
     sid = session.session_id
     first_unit, first_session = len(decoder.units), len(decoder.sessions)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    unit_table = model.unit_emb.weight.detach()
-    session_table = model.session_emb.weight.detach()
-    old_units = unit_table[:first_unit]
-    mean = unit_table[first_unit:].mean(0)
-    offsets = (unit_table[first_unit:] - mean).clone().requires_grad_(True)
-    new_session = session_table[first_session:].clone().requires_grad_(st.fit_session)
-    groups = [{"params": [offsets], "lr": st.lr}]
+    rows = NewRows(model, first_unit, first_session, fit_session=st.fit_session)
+    groups = [{"params": [rows.offsets], "lr": st.lr}]
     if st.fit_session:
-        groups.append({"params": [new_session], "lr": st.session_lr or st.lr})
+        groups.append({"params": [rows.session], "lr": st.session_lr or st.lr})
     opt = torch.optim.Adam(groups)
     base_lrs = [g["lr"] for g in opt.param_groups]
-
-    def tables() -> dict[str, torch.Tensor]:
-        return {
-            "unit_emb.weight": torch.cat([old_units, mean + offsets]),
-            "session_emb.weight": torch.cat([session_table[:first_session], new_session]),
-        }
 
     mtm = MtMSettings(
         enabled=True,
@@ -159,7 +146,7 @@ def fit_units_unsupervised(
     for step in tqdm(range(st.steps), desc="calibrate", disable=not show_bar, dynamic_ncols=True):
         _, batch = sampler.batch(step)
         log_rate = functional_call(
-            model, tables(), args=(), kwargs={"mode": "mtm", **to_torch(batch, MTM_KEYS)}
+            model, rows.tables(), args=(), kwargs={"mode": "mtm", **to_torch(batch, MTM_KEYS)}
         )
         loss = masked_poisson_nll(
             log_rate,
@@ -167,24 +154,16 @@ def fit_units_unsupervised(
             torch.from_numpy(batch["mtm_scored"]),
             st.bin_width,
         )
-        warm = min(1.0, (step + 1) / max(1.0, st.warmup * st.steps))
-        decay = st.lr_floor + (1 - st.lr_floor) * 0.5 * (1 + np.cos(np.pi * step / st.steps))
+        factor = lr_factor(step, st.steps, st.warmup, st.lr_floor)
         for g, lr in zip(opt.param_groups, base_lrs, strict=True):
-            g["lr"] = lr * decay * warm
+            g["lr"] = lr * factor
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():  # zero-mean offsets (see calibrate.fit_units for why)
-            offsets -= offsets.mean(0)
+        rows.center()
         if progress is not None:
             progress(step + 1, float(loss.detach()))
-    with torch.no_grad():
-        final = tables()
-        model.unit_emb.weight.copy_(final["unit_emb.weight"])
-        model.session_emb.weight.copy_(final["session_emb.weight"])
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.eval()
+    rows.write_back()
     dec.info = dict(dec.info) | {
         "calibrated": {
             "session": sid,
