@@ -24,8 +24,6 @@ layout FALCON's M2 loader reads, so tests run the real evaluator on simulated da
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC
@@ -60,18 +58,23 @@ def dataset_tag(cfg: FalconConfig, handle: str | Path) -> str:
 
 
 def onnx_cache(base: Path, state_dir: Path) -> Path:
-    """The base model's step graphs, exported once into ``state_dir`` (by weight hash;
-    calibrations change only tables outside the graphs, so they share it)."""
-    from bci_decoder.export.onnx_export import FORMAT, export_step
+    """Where the base model's step graphs are: its own package when exported and current,
+    else exported once into ``state_dir`` (by weight hash; calibrations change only
+    tables outside the graphs, so they share it)."""
+    from bci_decoder.export.onnx_export import export_package
+    from bci_decoder.model import layout
+    from bci_decoder.model.package import ModelPackage, PackageError, file_sha256
 
-    digest = hashlib.sha1((base / "model.safetensors").read_bytes()).hexdigest()[:12]
-    out = state_dir / "onnx" / f"{base.name}-{digest}"
     try:
-        current = json.loads((out / "export.json").read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
-        current = False
-    if not current:
-        export_step(Decoder.load(base), out)
+        ModelPackage.load(base)
+        if all(layout.graph_file(base, g).exists() for g in layout.GRAPHS):
+            return base  # the engine checks the graphs' hash against the weights
+    except PackageError:
+        pass
+    digest = file_sha256(base / layout.WEIGHTS)[:12]
+    out = state_dir / "onnx" / f"{base.name}-{digest}"
+    if not all(layout.graph_file(out, g).exists() for g in layout.GRAPHS):
+        export_package(Decoder.load(base), out, weights_sha256="")
     return out
 
 

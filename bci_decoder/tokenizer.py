@@ -15,6 +15,7 @@ Window sample (POYO as published)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -248,3 +249,14 @@ def collate_window(samples: list[WindowSample]) -> dict[str, np.ndarray]:
             tm[i, :, :d] = True
         batch.update(target=tgt, target_mask=tm)
     return batch
+
+
+def grid_index_scalar(t: float, step: float) -> int:
+    """``grid_index`` of one float (the same float64 products), without numpy: the
+    engine's per-step group lookup."""
+    k = math.ceil(t / step)
+    if (k - 1) * step >= t:
+        k -= 1
+    if k * step < t:
+        k += 1
+    return k

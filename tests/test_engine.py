@@ -21,7 +21,9 @@ from bci_decoder.decode import (
     session_tokens,
     stream_start,
 )
-from bci_decoder.export.onnx_export import export_step, read_export
+from bci_decoder.export.onnx_export import export_package
+from bci_decoder.model.package import ModelPackage, PackageError
+from bci_decoder.model.step import decoder_query
 from bci_decoder.runtime import onnx_runner
 from bci_decoder.runtime.engine import StreamingEngine, UnitTables
 from bci_decoder.train.loop import build_decoder, gather_sessions
@@ -60,7 +62,7 @@ def setup(tmp_path_factory):
     with torch.no_grad():  # non-trivial weights on every path
         for p in dec.model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    onnx_path = export_step(
+    onnx_path = export_package(
         dec, tmp_path_factory.mktemp("onnx"), capacity=512, window_capacity=2048
     )
     return dec, sessions[0], str(onnx_path)
@@ -242,10 +244,48 @@ def test_overflow_is_counted(setup):
     assert np.all(np.isfinite(eng.step(1.03)))
 
 
-def test_old_export_folder_is_refused(setup, tmp_path):
-    (tmp_path / "export.json").write_text('{"opset": 17, "capacity": 2048}')
-    with pytest.raises(ValueError, match="re-export"):
-        read_export(tmp_path)
+def test_numpy_tables_equal_the_torch_projections(setup):
+    """The package's numpy keys/values and decoder query (what the daemon computes
+    without torch) equal the model's own torch projections."""
+    dec, session, _ = setup
+    sid = session.session_id
+    tab = UnitTables.from_decoder(dec, sid, "hand_vel")
+    m = dec.model
+    with torch.no_grad():
+        rows = torch.from_numpy(dec.units.session_units(sid, list(tab.unit_names)))
+        k, v = m.enc_attn.keys_values(m.unit_emb.weight[rows])
+        q = m.session_emb.weight[dec.sessions[sid]] + m.output_emb.weight[dec.output_index("hand_vel")]
+        dq = decoder_query(m, q)
+    np.testing.assert_allclose(tab.k, k.numpy(), atol=2e-6)
+    np.testing.assert_allclose(tab.v, v.numpy(), atol=2e-6)
+    np.testing.assert_allclose(tab.dec_q, dq.numpy(), atol=2e-6)
+
+
+def test_package_on_disk_decodes_like_the_decoder_and_stale_is_refused(setup, tmp_path):
+    """An engine on the written package (no torch objects) gives the decoder's outputs;
+    weights changed after the export are refused with the export command."""
+    dec, session, _ = setup
+    folder = tmp_path / "m"
+    dec.save(folder)
+    with pytest.raises(PackageError, match="bci-decoder export"):  # tables, no graphs
+        StreamingEngine(ModelPackage.load(folder), session.session_id, "hand_vel")
+    export_package(dec, folder, capacity=512, window_capacity=2048)
+    pkg = ModelPackage.load(folder)
+    queries = 0.5 + 0.01 * np.arange(300) + 0.0003
+    kw = {"max_spikes_per_group": 512}
+    got = stream(StreamingEngine(pkg, session.session_id, "hand_vel", **kw), session, queries)
+    assert_close(got, stream(engine(setup), session, queries))
+    # retrained weights saved over it: the tables follow, the graphs are stale
+    other = dec.clone()
+    with torch.no_grad():
+        other.model.dec_attn.to_q.weight.mul_(1.1)
+    other.save(folder)
+    with pytest.raises(PackageError, match="re-export"):
+        StreamingEngine(ModelPackage.load(folder), session.session_id, "hand_vel", **kw)
+    # weights replaced behind the package's back: stale at load
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes() + b" ")
+    with pytest.raises(PackageError, match="stale"):
+        ModelPackage.load(folder)
 
 
 def test_choose_providers_prefers_cuda(monkeypatch):

@@ -6,7 +6,9 @@ Four graphs (``bci_decoder.model.step``), float32, opset 17:
   causal_batch.onnx   both for all queries of a group at once (offline decoding)
   window_step.onnx    window mode: latents recomputed from cached spike keys
 The per-unit tables (encoder keys/values, embeddings, the <null> token, the output
-query) are inputs, so a calibration changes data, not the graphs. The spike count is a
+query) are inputs, so a calibration changes data, not the graphs. Each graph carries the
+``graph_hash`` of the weights it holds in its ONNX metadata; the package (``model.package``)
+records the same hash, so a graph older than its weights is refused at load. The spike count is a
 dynamic axis: the CPU engine passes exactly the spikes it has; a fixed-shape engine (CUDA
 graphs) passes its whole capacity and masks the unused rows with ``spike_bias``.
 """
@@ -14,18 +16,19 @@ graphs) passes its whole capacity and masks the unused rows with ``spike_bias``.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bci_decoder.model.step import WINDOW_INPUTS, CausalKVStep, WindowKVStep, causal_inputs
-from bci_decoder.train.checkpoint import Decoder
+from bci_decoder.model import layout
+from bci_decoder.model.decoder import Decoder, package_of
+from bci_decoder.model.package import ModelPackage, file_sha256
+from bci_decoder.model.step import WINDOW_INPUTS, CausalKVStep, WindowKVStep
 
 OPSET = 17
-FORMAT = 2  # export.json "format": 1 was the states-cache graph of the first engine
-GRAPHS = ("causal_step", "causal_finish", "causal_batch", "window_step")
+GRAPHS = layout.GRAPHS
+GRAPH_HASH_KEY = "bci_decoder.graph_hash"  # ONNX metadata_props key
 
 
 def _dims(decoder: Decoder) -> dict[str, int]:
@@ -184,9 +187,20 @@ def _check(decoder: Decoder, name: str, module, names, graph: bytes, cases: list
                 )
 
 
+def _stamp(graph: bytes, digest: str) -> bytes:
+    """The graph with ``graph_hash`` in its metadata (read back by ONNX Runtime)."""
+    import onnx
+
+    model = onnx.load_from_string(graph)
+    prop = model.metadata_props.add()
+    prop.key, prop.value = GRAPH_HASH_KEY, digest
+    return model.SerializeToString()
+
+
 def build_graphs(decoder: Decoder, capacity: int = 2048, window_capacity: int = 8192) -> dict:
     """The checked step graphs as serialized ONNX bytes, keyed by name (in memory: an
-    engine can load them without touching disk)."""
+    engine can load them without touching disk), stamped with the weights' graph hash."""
+    digest = package_of(decoder).graph_hash
     out = {}
     for name, (module, names, outputs) in step_modules(decoder).items():
         if name == "window_step":
@@ -197,46 +211,69 @@ def build_graphs(decoder: Decoder, capacity: int = 2048, window_capacity: int = 
             cases = [(0, 1), (7, 1), (capacity, 1), (40, 3)]
         graph = _to_onnx(module, example, names, outputs)
         _check(decoder, name, module, names, graph, cases)
-        out[name] = graph
+        out[name] = _stamp(graph, digest)
     return out
 
 
-def export_step(
-    decoder: Decoder, out: str | Path, capacity: int = 2048, window_capacity: int = 8192
+_GRAPHS: dict[tuple[str, int, int], dict[str, bytes]] = {}
+
+
+def in_memory_package(
+    decoder: Decoder, capacity: int = 2048, window_capacity: int = 8192
+) -> ModelPackage:
+    """The decoder's package with its graphs in memory (tests, offline evaluation,
+    benchmarks); graphs are built once per set of graph weights, so a calibrated copy of
+    a model reuses its base model's."""
+    pkg = package_of(decoder, capacity=capacity, window_capacity=window_capacity)
+    key = (pkg.graph_hash, capacity, window_capacity)
+    if key not in _GRAPHS:
+        _GRAPHS[key] = build_graphs(decoder, capacity, window_capacity)
+    pkg.graph_bytes = _GRAPHS[key]
+    return pkg
+
+
+def export_package(
+    decoder: Decoder,
+    out: str | Path,
+    capacity: int = 2048,
+    window_capacity: int = 8192,
+    weights_sha256: str | None = None,
 ) -> Path:
-    """Write ``out``/{causal_step, causal_finish, window_step}.onnx and export.json.
+    """Write the decoder's whole package into ``out``: package.json, tables.safetensors
+    and the step graphs (``layout.GRAPHS``), each written to a temporary name first.
 
     The spike axis is dynamic; ``capacity`` (spikes per causal group) and
     ``window_capacity`` (spikes per window) are the sizes the parity check runs at and
-    the defaults engines built on this folder use for their buffers.
+    the defaults engines built on this package use for their buffers.
+    ``weights_sha256``: of the model.safetensors beside it (default: read from ``out``).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if weights_sha256 is None:
+        w = out / layout.WEIGHTS
+        weights_sha256 = file_sha256(w) if w.exists() else ""
     graphs = build_graphs(decoder, capacity, window_capacity)
     for name, graph in graphs.items():
         tmp = out / f"{name}.onnx.tmp"
         tmp.write_bytes(graph)
-        tmp.replace(out / f"{name}.onnx")
-    meta = {
-        "format": FORMAT,
-        "opset": OPSET,
-        "capacity": capacity,
-        "window_capacity": window_capacity,
-        "causal_inputs": causal_inputs(decoder.config.depth),
-        "window_inputs": WINDOW_INPUTS,
-    }
-    (out / "export.json").write_text(json.dumps(meta, indent=1))
+        tmp.replace(layout.graph_file(out, name))
+    package_of(decoder, weights_sha256, capacity, window_capacity).write(out)
+    (out / "export.json").unlink(missing_ok=True)  # the pre-package format's index
     return out
 
 
-def read_export(folder: str | Path) -> dict[str, bytes]:
-    """The graphs of an export folder; a clear error for folders of an older format."""
+def export_model(folder: str | Path, capacity: int = 2048, window_capacity: int = 8192) -> list:
+    """Export the model in ``folder`` and re-write the tables of each of its stored
+    calibrations (which share its graphs). Returns the folders written."""
     folder = Path(folder)
-    meta_path = folder / "export.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    if meta.get("format") != FORMAT:
-        raise ValueError(
-            f"{folder} holds ONNX graphs of export format {meta.get('format', 1)}, this "
-            f"engine needs format {FORMAT}: re-export (bci-decoder export --out {folder})"
-        )
-    return {name: (folder / f"{name}.onnx").read_bytes() for name in GRAPHS}
+    done = [export_package(Decoder.load(folder), folder, capacity, window_capacity)]
+    for name in layout.stored_calibrations(folder):
+        cal = layout.calibration_dir(folder, name)
+        if (cal / layout.WEIGHTS).exists():
+            package_of(Decoder.load(cal), file_sha256(cal / layout.WEIGHTS)).write(cal)
+            done.append(cal)
+    return done
+
+
+# the pre-package name, kept for callers that export into a folder of their own
+export_step = export_package

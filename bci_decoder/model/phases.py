@@ -1,0 +1,80 @@
+"""Rotary phases in numpy: the serving side's copy of ``model/rotary.py``'s maths.
+
+angle = 2π · (t mod P) / P, with ``t mod P`` taken in float64 before the angle, so a key
+rotated at t = 36,000 s is as exact as one rotated at t = 0 (ARCHITECTURE "Time").
+``tests/test_phases.py`` holds every function here equal to its torch counterpart, so the
+engine (numpy, no torch in the serving process) and the model (torch) rotate alike.
+
+Layout: a head's Dh channels are pairs (x[i], x[i + Dh/2]); the first F of the Dh/2
+pairs carry time, the rest are never rotated (cos = 1, sin = 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def rotary_periods(num_freqs: int, min_period: float, max_period: float) -> np.ndarray:
+    """(F,) float64 periods, log-spaced (``rotary.rotary_periods``)."""
+    return np.logspace(math.log10(min_period), math.log10(max_period), num_freqs)
+
+
+def angles(t: np.ndarray | float, periods: np.ndarray, out: np.ndarray | None = None):
+    """float64 angles (..., F) of times t (...): 2π · (t mod P) / P."""
+    t = np.asarray(t, dtype=np.float64)
+    if out is None:
+        out = np.empty((*t.shape, periods.size))
+    np.remainder(t[..., None], periods, out=out)
+    np.divide(out, periods, out=out)
+    np.multiply(out, 2 * math.pi, out=out)
+    return out
+
+
+def phase_rows(t: np.ndarray | float, periods: np.ndarray, dim_head: int) -> np.ndarray:
+    """[cos | sin] (..., Dh) float32 of times t (...), unrotated pairs at angle 0: the
+    ``phase`` inputs of the step graphs."""
+    ang = angles(t, periods)
+    half, F = dim_head // 2, periods.size
+    out = np.zeros((*ang.shape[:-1], dim_head), np.float32)
+    out[..., :half] = 1.0
+    out[..., :F] = np.cos(ang)
+    out[..., half : half + F] = np.sin(ang)
+    return out
+
+
+class PhaseScratch:
+    """``phase_rows`` of one time into a preallocated row, without allocating: the
+    per-step phases of the decode loop."""
+
+    def __init__(self, periods: np.ndarray, dim_head: int) -> None:
+        self.periods, self.F, self.half = periods, periods.size, dim_head // 2
+        self._ang = np.zeros(self.F)
+        self._trig = np.zeros(self.F)
+
+    def into(self, t: float, out: np.ndarray) -> None:
+        """[cos | sin] of time t into out (Dh,) float32 (its unrotated pairs untouched)."""
+        ang, trig, F, h = self._ang, self._trig, self.F, self.half
+        np.remainder(t, self.periods, out=ang)
+        np.divide(ang, self.periods, out=ang)
+        np.multiply(ang, 2 * math.pi, out=ang)
+        np.cos(ang, out=trig)
+        out[:F] = trig
+        np.sin(ang, out=trig)
+        out[h : h + F] = trig
+
+
+def rotate_rows(x: np.ndarray, t: np.ndarray, periods: np.ndarray) -> None:
+    """Rotate rows x (m, H, Dh) float32 in place at times t (m,) (``rotary.rotate`` with
+    ``rotary_phases``' float32 cos/sin)."""
+    ang = angles(t, periods)
+    F, half = periods.size, x.shape[-1] // 2
+    cos = np.cos(ang).astype(np.float32)[:, None, :]  # (m, 1, F)
+    sin = np.sin(ang).astype(np.float32)[:, None, :]
+    a = x[..., :F]
+    b = x[..., half : half + F]
+    new_a = a * cos - b * sin
+    b *= cos
+    b += a * sin
+    a[...] = new_a
