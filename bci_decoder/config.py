@@ -93,7 +93,11 @@ class TrainConfig(BaseModel):
     eval_seconds: float = 60.0  # at most this much of each validation tail is decoded
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
-    init: str | None = None  # start from this model folder's weights (same sessions/units)
+    init: str | None = None  # start from this model folder's weights (rows copied by name;
+    # sessions it did not know start at the mean; train.loop.warm_start)
+    # pull of a subject's same-channel unit rows toward their mean across days
+    # (train.objectives.ChannelTie); 0: off
+    channel_tie: float = Field(0.0, ge=0)
     out: str = "runs/default"
 
 

@@ -124,3 +124,93 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert len(a) == len(b) == TINY["optim"]["steps"]
     assert a[0] != a[-1]  # it trained
     np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-4)
+
+
+def _sim(seed: int, sessions: int, **rename):
+    from dataclasses import replace
+
+    from bci_decoder.data.simulate import SimConfig, simulate_sessions
+
+    out = simulate_sessions(
+        SimConfig(seed=seed, num_sessions=sessions, duration_s=20, num_units=12)
+    )
+    return [replace(s, **rename) for s in out] if rename else out
+
+
+def test_warm_start_copies_rows_by_name_adds_sessions_and_an_mtm_head(tmp_path):
+    """A second stage may add sessions (they start at the mean of the earlier rows) and a
+    masked readout; every row the earlier model knew is copied by name, every shared
+    weight as it is."""
+    import torch
+
+    from bci_decoder.train.loop import build_decoder, warm_start
+
+    first = _sim(5, 1)
+    cfg1 = TrainConfig(**(TINY | {"data": {}}))
+    dec1, _ = build_decoder(cfg1, first)
+    with torch.no_grad():
+        for p in dec1.model.parameters():
+            p.normal_()  # not the init a fresh model would draw
+    dec1.save(tmp_path / "first")
+
+    second = first + [replace_id(s, f"new_{s.session_id}") for s in _sim(6, 1)]
+    cfg2 = TrainConfig(**(TINY | {"data": {}, "mtm": {"enabled": True}}))
+    dec2, _ = build_decoder(cfg2, second)
+    rows = warm_start(dec2, tmp_path / "first")
+    old, new = dec1.model, dec2.model
+    units = dec1.units.to_list()
+    assert rows["new"] == len(second[1].unit_ids) + 1  # the new session's units and its row
+    for i, name in enumerate(units):
+        assert torch.equal(new.unit_emb.weight[dec2.units[name]], old.unit_emb.weight[i])
+    added = dec2.units.session_units(second[1].session_id, second[1].unit_ids)
+    mean = old.unit_emb.weight.mean(0)
+    assert torch.allclose(new.unit_emb.weight[added], mean.expand(len(added), -1))
+    assert torch.equal(new.enc_attn.to_k.weight, old.enc_attn.to_k.weight)
+    assert new.mtm is not None
+
+    cfg_other = TrainConfig(**(TINY | {"data": {}, "model": TINY["model"] | {"dim": 16}}))
+    dec3, _ = build_decoder(cfg_other, first)
+    with pytest.raises(ValueError, match="other model dimensions"):
+        warm_start(dec3, tmp_path / "first")
+
+
+def replace_id(session, session_id: str):
+    from dataclasses import replace
+
+    return replace(session, session_id=session_id)
+
+
+def test_channel_tie_pulls_a_subjects_same_channel_rows_together():
+    """Rows of one subject's same channel on two days are pulled toward their mean; other
+    subjects and unparseable names are left alone; gradient descent on the penalty alone
+    shrinks the spread across days and keeps each group's mean."""
+    from dataclasses import replace
+
+    import torch
+
+    from bci_decoder.train.loop import build_decoder
+    from bci_decoder.train.objectives import ChannelTie
+
+    a, b, c = _sim(8, 3)
+    names = [f"ee{i:02d}u0" for i in range(a.num_units)]
+    a = replace(a, session_id="d1", subject="m", unit_ids=names)
+    b = replace(b, session_id="d2", subject="m", unit_ids=names)
+    c = replace(c, session_id="other", subject="x", unit_ids=names)
+    dec, _ = build_decoder(TrainConfig(**(TINY | {"data": {}})), [a, b, c])
+    tie = ChannelTie(dec, [a, b, c], weight=1.0)
+    assert tie.num_groups == a.num_units and len(tie.rows) == 2 * a.num_units
+    assert not set(dec.units.session_units("other", names).tolist()) & set(tie.rows.tolist())
+
+    emb = torch.nn.Parameter(torch.randn_like(dec.model.unit_emb.weight))
+    r1, r2 = dec.units.session_units("d1", names), dec.units.session_units("d2", names)
+    mean0 = (emb[r1] + emb[r2]).detach() / 2
+    spread0 = float((emb[r1] - emb[r2]).detach().norm())
+    before = float(tie.loss(emb).detach())
+    opt = torch.optim.SGD([emb], lr=1.0)
+    for _ in range(20):
+        opt.zero_grad()
+        tie.loss(emb).backward()
+        opt.step()
+    assert float(tie.loss(emb).detach()) < 0.5 * before
+    assert float((emb[r1] - emb[r2]).detach().norm()) < 0.5 * spread0
+    assert torch.allclose((emb[r1] + emb[r2]).detach() / 2, mean0, atol=1e-5)

@@ -25,7 +25,7 @@ from bci_decoder.model.vocab import UnitVocab, Vocab, unit_key
 from bci_decoder.subjects import session_unit_rates
 from bci_decoder.train.checkpoint import Decoder, Normalizer
 from bci_decoder.train.data import BatchSampler, SessionSource
-from bci_decoder.train.objectives import MtMObjective, masked_mse
+from bci_decoder.train.objectives import ChannelTie, MtMObjective, masked_mse
 
 __all__ = ["build_decoder", "gather_sessions", "masked_mse", "train", "validate"]
 
@@ -105,19 +105,53 @@ def build_decoder(
     return dec, sources
 
 
-def warm_start(decoder: Decoder, folder: Path) -> None:
+def warm_start(decoder: Decoder, folder: Path) -> dict[str, int]:
     """Load a trained model's weights into ``decoder`` (a second training stage).
 
-    The vocabularies must be the same, in the same order: a warm start continues a run on
-    the same sessions; a new session goes through ``calibrate`` instead."""
+    Shared weights are copied as they are. Embedding rows are copied by name: units,
+    sessions and output kinds the earlier model knew keep their rows; new ones (sessions
+    this stage adds) start at the mean of the earlier model's rows, as a calibration
+    does. The MtM head may be absent from the earlier model (a supervised model gets a
+    masked readout in this stage), never the reverse. Returns how many rows were copied
+    and how many are new."""
     from bci_decoder.train.checkpoint import Decoder as _Decoder
 
     prev = _Decoder.load(folder)
-    if prev.units.to_list() != decoder.units.to_list():
-        raise ValueError(f"init model {folder} has other units than this config selects")
-    if prev.sessions.to_list() != decoder.sessions.to_list():
-        raise ValueError(f"init model {folder} has other sessions than this config selects")
-    decoder.model.load_state_dict(prev.model.state_dict())
+    new_state = decoder.model.state_dict()
+    old_state = prev.model.state_dict()
+    by_name = {
+        "unit_emb.weight": (prev.units.to_list(), decoder.units.to_list()),
+        "session_emb.weight": (prev.sessions.to_list(), decoder.sessions.to_list()),
+        "output_emb.weight": (prev.model.output_names, decoder.model.output_names),
+    }
+    counts = {"copied": 0, "new": 0}
+    for key, value in new_state.items():
+        if key in by_name:
+            old_names, new_names = by_name[key]
+            old_index = {n: i for i, n in enumerate(old_names)}
+            old_rows = old_state[key]  # (V_old, D)
+            rows = old_rows.mean(0, keepdim=True).repeat(len(new_names), 1)  # (V_new, D)
+            for i, n in enumerate(new_names):
+                if n in old_index:
+                    rows[i] = old_rows[old_index[n]]
+                    counts["copied"] += 1
+                else:
+                    counts["new"] += 1
+            new_state[key] = rows
+        elif key in old_state:
+            if old_state[key].shape != value.shape:
+                raise ValueError(
+                    f"init model {folder}: {key} is {tuple(old_state[key].shape)}, "
+                    f"this config's is {tuple(value.shape)} (other model dimensions?)"
+                )
+            new_state[key] = old_state[key]
+        elif not key.startswith(("mtm.", "heads.")):
+            raise ValueError(f"init model {folder} has no {key}: other architecture?")
+    extra = [k for k in old_state if k not in new_state and not k.startswith(("mtm.", "heads."))]
+    if extra:
+        raise ValueError(f"init model {folder} has weights this config lacks: {extra[:5]}")
+    decoder.model.load_state_dict(new_state)
+    return counts
 
 
 def lr_at(step: int, total: int, base: float, warmup: float) -> float:
@@ -182,7 +216,11 @@ def train(
     }
     model = decoder.model
     if cfg.init:
-        warm_start(decoder, Path(cfg.init))
+        rows = warm_start(decoder, Path(cfg.init))
+        if rank == 0:
+            print(
+                f"init from {cfg.init}: {rows['copied']} embedding rows copied, {rows['new']} new"
+            )
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )
@@ -202,6 +240,9 @@ def train(
         modes=tuple(cfg.modes),
     )
     mtm = MtMObjective(decoder, cfg, sessions + extra) if cfg.mtm.enabled else None
+    tie = ChannelTie(decoder, sessions + extra, cfg.channel_tie) if cfg.channel_tie else None
+    if tie is not None and rank == 0:
+        print(f"channel tie: {tie.num_groups} channel groups, {len(tie.rows)} unit rows")
     is_main = rank == 0
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -233,6 +274,10 @@ def train(
             scheme, mtm_loss = mtm.loss(model, step)
             record = {"mtm_scheme": scheme, "mtm_loss": float(mtm_loss.detach())}
             loss = cfg.mtm.supervised_weight * loss + cfg.mtm.weight * mtm_loss
+        if tie is not None:
+            tie_loss = tie.loss(model.unit_emb.weight)
+            record["tie_loss"] = float(tie_loss.detach())
+            loss = loss + tie_loss
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.optim.steps, cfg.optim.lr, cfg.optim.warmup)
         opt.zero_grad(set_to_none=True)

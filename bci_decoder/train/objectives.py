@@ -164,3 +164,48 @@ def train_mtm_head(
         | {"mtm": settings.model_dump() | {"enabled": True, "head_only_steps": steps}}
     }
     return dec, losses
+
+
+class ChannelTie:
+    """A pull of each subject's same-channel unit rows toward their mean across days.
+
+    A chronic array's channel records related activity day after day, but the unit
+    vocabulary is per session, so nothing in the supervised loss makes a channel's row on
+    one day mean anything on another: a new day warm-started from the nearest day's rows
+    decoded at R² 0.28 zero-shot (benchmarks/results/across_days.json). This penalty,
+    ``weight`` x the mean over tied rows of ||e_u - mean of its channel group||², makes a
+    channel's rows agree across days wherever the data let them, so the warm start
+    (``subjects.plan_warm_start``) inherits a row that means the same thing.
+
+    Groups: units of sessions with the same subject and the same parsed channel
+    (``subjects.channel_key``), two days or more; other units are not touched.
+    """
+
+    def __init__(self, decoder: Decoder, sessions: list[Session], weight: float) -> None:
+        from bci_decoder.subjects import channel_key
+
+        self.weight = weight
+        groups: dict[tuple[str, str], list[int]] = {}
+        for s in sessions:
+            if not s.subject:
+                continue
+            rows = decoder.units.session_units(s.session_id, s.unit_ids)
+            for name, row in zip(s.unit_ids, rows, strict=True):
+                key = channel_key(name)
+                if key is not None:
+                    groups.setdefault((s.subject, key), []).append(int(row))
+        groups = {k: v for k, v in groups.items() if len(v) >= 2}
+        rows = [r for v in groups.values() for r in v]
+        gid = [g for g, v in enumerate(groups.values()) for _ in v]
+        self.rows = torch.tensor(rows, dtype=torch.int64)  # (R,)
+        self.group = torch.tensor(gid, dtype=torch.int64)  # (R,) group of each row
+        self.num_groups = len(groups)
+        self.size = torch.bincount(self.group, minlength=self.num_groups).clamp(min=1)  # (G,)
+
+    def loss(self, unit_emb: torch.Tensor) -> torch.Tensor:
+        if self.num_groups == 0 or self.weight == 0:
+            return unit_emb.new_zeros(())
+        e = unit_emb[self.rows]  # (R, D)
+        sums = e.new_zeros(self.num_groups, e.shape[1]).index_add_(0, self.group, e)  # (G, D)
+        mean = sums / self.size.unsqueeze(1).to(e.dtype)
+        return self.weight * ((e - mean[self.group]) ** 2).sum(1).mean()
