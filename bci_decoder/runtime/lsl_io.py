@@ -37,7 +37,7 @@ import numpy as np
 import pylsl
 from pylsl.util import LostError
 
-from bci_decoder.config import StreamSettings
+from bci_decoder.serve_config import StreamSettings
 from bci_decoder.runtime.priority import realtime
 from bci_decoder.runtime.ring import SampleRing, SpikeRing
 
@@ -395,7 +395,9 @@ class SpikeInletThread(InletThread):
         kept_before, received = st.kept, len(times)
         now = pylsl.local_clock()
         horizon = now + self.max_future_s
-        future = times > horizon  # NaN compares False: counted as nan_time below
+        # +inf is not finite, counted as nan_time below (NaN compares False already): a
+        # spike is dropped for one reason only, so the counts add up to what was received
+        future = (times > horizon) & np.isfinite(times)
         st.future += int(future.sum())
         if self.counts:  # (N, U) counts at each sample time -> spikes
             ok = np.isfinite(times) & ~future
