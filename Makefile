@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 DATA ?=
 MODEL ?= poyo-mp-small
 
-.PHONY: venv demo test lint bench clean pretrain
+.PHONY: venv demo test lint bench clean pretrain packages
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,11 @@ lint: $(STAMP)
 # The shipped model: see models/poyo-mp-small/README.md
 pretrain: $(STAMP)
 	$(BIN)/bci-decoder train --config configs/poyo-mp-small.yaml
+
+# The packages the daemon serves (ONNX graphs, tables, package.json) of every model in
+# models/: rerun after a model's weights change (the daemon refuses a stale package).
+packages: $(STAMP)
+	for m in models/*/; do $(BIN)/bci-decoder export --model $$m || exit 1; done
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -162,6 +162,10 @@ def calibrate(
     baselines: Annotated[
         bool, typer.Option(help="Also fit Wiener and GRU on the same and full data")
     ] = True,
+    png: Annotated[
+        Path | None,
+        typer.Option(help="Picture of the result (default: next to --json, else in --save)"),
+    ] = None,
     labels: Annotated[
         str,
         typer.Option(
@@ -187,7 +191,8 @@ def calibrate(
     if labels != "behavior":
         if labels != "none":
             _fail(f"--labels must be 'behavior' or 'none', not {labels!r}")
-        return _calibrate_label_free(dec, sessions[0], seconds, output, steps, json_out, save)
+        return _calibrate_label_free(dec, sessions[0], seconds, output, steps, json_out, save,
+                                     png)  # fmt: skip
     try:
         report, calibrated = calibrate_report(
             dec,
@@ -200,10 +205,12 @@ def calibrate(
         )
     except ValueError as e:
         _fail(str(e))
-    _emit_calibration(report, calibrated, json_out, save)
+    _emit_calibration(report, calibrated, json_out, save, sessions[0], png)
 
 
-def _emit_calibration(report: dict, calibrated, json_out: Path | None, save: Path | None) -> None:
+def _emit_calibration(
+    report: dict, calibrated, json_out: Path | None, save: Path | None, session, png: Path | None
+) -> None:
     """Print a calibration report, write its JSON and save the calibrated model, as asked."""
     typer.echo(json.dumps(report, indent=1))
     if json_out:
@@ -212,9 +219,14 @@ def _emit_calibration(report: dict, calibrated, json_out: Path | None, save: Pat
     if save:
         calibrated.save(save)
         typer.echo(f"calibrated model saved to {save}")
+    png = png or (json_out.with_suffix(".png") if json_out else save / "calibration.png" if save else None)  # fmt: skip
+    if png is not None:
+        from bci_decoder.plots import calibration_png
+
+        typer.echo(f"wrote {calibration_png(report, calibrated, session, png)}")
 
 
-def _calibrate_label_free(dec, session, seconds, output, steps, json_out, save) -> None:
+def _calibrate_label_free(dec, session, seconds, output, steps, json_out, save, png) -> None:
     from bci_decoder.calibrate_unsupervised import calibrate_report_unsupervised
 
     try:
@@ -223,7 +235,7 @@ def _calibrate_label_free(dec, session, seconds, output, steps, json_out, save) 
         )
     except ValueError as e:
         _fail(str(e))
-    _emit_calibration(report, calibrated, json_out, save)
+    _emit_calibration(report, calibrated, json_out, save, session, png)
 
 
 @app.command("evaluate-ssl")
@@ -271,20 +283,30 @@ def evaluate_ssl(
 @app.command()
 def export(
     model: Annotated[Path, typer.Option(help="Model folder")] = DEFAULT_MODEL,
-    out: Annotated[Path, typer.Option(help="Folder for the ONNX graphs")] = Path("out/onnx"),
+    out: Annotated[
+        Path | None, typer.Option(help="Write the package here instead of the model folder")
+    ] = None,
     capacity: Annotated[
         int, typer.Option(help="Spikes per 50 ms causal group the graph holds")
     ] = 2048,
     window_capacity: Annotated[int, typer.Option(help="Spikes per window (window mode)")] = 8192,
 ) -> None:
-    """ONNX graphs of the streaming step (causal and window modes), checked before writing.
+    """The model package the daemon serves: ONNX step graphs (causal and window modes,
+    checked against torch before writing), unit/session tables and normalisation
+    (safetensors) and package.json, written into the model folder; its stored
+    calibrations' tables are re-written too. Rerun after the weights change.
 
     The per-unit tables stay outside the graphs, so a calibration changes data, not graphs."""
-    from bci_decoder.export.onnx_export import export_step
+    from bci_decoder.export.onnx_export import export_model, export_package
 
-    path = export_step(_load_decoder(model), out, capacity, window_capacity)
-    graphs = ", ".join(sorted(p.name for p in Path(path).glob("*.onnx")))
-    typer.echo(f"wrote {graphs} and export.json to {path}")
+    if out is None:
+        if not (model / "meta.json").exists():
+            _fail(f"{model} is not a model folder (needs meta.json and model.safetensors)")
+        for path in export_model(model, capacity, window_capacity):
+            typer.echo(f"wrote the package of {path}")
+    else:
+        path = export_package(_load_decoder(model), out, capacity, window_capacity)
+        typer.echo(f"wrote the package of {model} to {path}")
 
 
 @app.command()
@@ -342,8 +364,8 @@ def serve(
     import uvicorn
 
     from bci_decoder.api.app import create_app
-    from bci_decoder.config import load_serve_config
     from bci_decoder.runtime.daemon import Daemon, DaemonError
+    from bci_decoder.serve_config import load_serve_config
 
     try:
         cfg = load_serve_config(path, overrides)
@@ -368,9 +390,13 @@ def recording(
     nwb: Annotated[
         Path | None, typer.Option(help="Export to this NWB file (units, TimeSeries)")
     ] = None,
+    png: Annotated[
+        Path | None, typer.Option(help="Picture of the recording (default: FILE with .png)")
+    ] = None,
 ) -> None:
     """Summarise a daemon recording (spikes, behaviour, outputs, events; it opens after a
-    SIGKILL too) and optionally export it to NWB."""
+    SIGKILL too) in text and a picture, and optionally export it to NWB."""
+    from bci_decoder.plots import recording_figure
     from bci_decoder.runtime.recorder import export_nwb, summary
 
     if not file.exists():
@@ -380,6 +406,7 @@ def recording(
     except (OSError, KeyError) as e:
         _fail(f"{file} is not a bci_decoder recording: {e}")
     typer.echo(json.dumps(info, indent=1))
+    typer.echo(f"wrote {recording_figure(file, png or file.with_suffix('.png'))}")
     if nwb is not None:
         typer.echo(f"wrote {export_nwb(file, nwb)}")
 

@@ -17,9 +17,9 @@ from bci_decoder.api.body_limit import BodyLimit
 from bci_decoder.api.routes import calibrations, control, page
 from bci_decoder.api.schemas import CalibrationCreate
 from bci_decoder.api.uploads import UploadParser
-from bci_decoder.config import ServeConfig
 from bci_decoder.runtime.calibration_jobs import remove_partial
 from bci_decoder.runtime.daemon import CALIBRATIONS, Daemon
+from bci_decoder.serve_config import ServeConfig
 
 log = logging.getLogger(__name__)
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bci_decoder.data.session import Session
+from bci_decoder.model import layout
 from bci_decoder.runtime.daemon import DaemonError
 from bci_decoder.runtime.parent_watch import die_with_parent
 from bci_decoder.runtime.priority import idle
@@ -44,7 +45,7 @@ from bci_decoder.runtime.priority import idle
 log = logging.getLogger(__name__)
 
 _CTX = mp.get_context("spawn")  # never fork a process that runs threads and torch
-TMP_PREFIX = ".tmp-"  # hidden: never a valid calibration name, never listed
+TMP_PREFIX = layout.TMP_PREFIX  # hidden: never a valid calibration name, never listed
 
 
 def remove_partial(calibrations: Path) -> list[str]:
@@ -137,8 +138,8 @@ def _worker(spec: JobSpec, q: Any) -> None:
     torch.set_num_threads(spec.threads)
     from bci_decoder.baselines import evaluate_baselines
     from bci_decoder.calibrate import CalibrationSettings, fit_units, score_span
+    from bci_decoder.model.decoder import Decoder
     from bci_decoder.runtime.guards import check_decoder
-    from bci_decoder.train.checkpoint import Decoder
 
     try:
         base = Decoder.load(spec.base_model)
@@ -204,8 +205,8 @@ def _worker(spec: JobSpec, q: Any) -> None:
         }
         check_decoder(dec, f"calibration {spec.name}")  # e.g. behaviour too large: inf norms
         out = Path(spec.out_dir)
-        tmp = out.with_name(f"{TMP_PREFIX}{out.name}-{os.getpid()}")
-        dec.save(tmp)
+        tmp = layout.temporary_dir(out, os.getpid())
+        dec.save(tmp)  # weights, and the package tables the daemon loads (no torch there)
         os.replace(tmp, out)  # a calibration appears whole or not at all
         q.put(("done", str(spec.out_dir), float(np.nan if r2 is None else r2)))
     except Exception as e:  # noqa: BLE001 - reported to the parent, never raised there

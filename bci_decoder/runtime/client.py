@@ -17,9 +17,9 @@ import threading
 import numpy as np
 import pylsl
 
-from bci_decoder.config import StreamSettings
 from bci_decoder.runtime.decode_loop import lsl_clock
 from bci_decoder.runtime.lsl_io import resolve
+from bci_decoder.serve_config import StreamSettings
 
 
 class StreamRecorder:

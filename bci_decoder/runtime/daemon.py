@@ -15,10 +15,8 @@ rejected over the last second, e.g. stamped in the future: the safe value is sen
 
 from __future__ import annotations
 
-import hashlib
-import json
+import gc
 import logging
-import re
 import sys
 import threading
 import time
@@ -26,14 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from bci_decoder.config import ServeConfig
+from bci_decoder.model import layout
+from bci_decoder.model.package import ModelPackage, PackageError
 from bci_decoder.runtime.decode_loop import ActiveEngine, DecodeLoop, lsl_clock
 from bci_decoder.runtime.gc_pauses import GcMonitor, freeze
-from bci_decoder.runtime.guards import GuardError, check_decoder, check_meta
+from bci_decoder.runtime.guards import GuardError, check_meta, check_package
 from bci_decoder.runtime.lsl_io import BehaviorInletThread, ControlOutlet, SpikeInletThread
 from bci_decoder.runtime.priority import policy_of
 from bci_decoder.runtime.ring import SpikeRing
-from bci_decoder.train.checkpoint import Decoder
+from bci_decoder.runtime.unit_tables import UnitTables
+from bci_decoder.serve_config import ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ AXIS_LABELS = {
     "cursor_vel": ["vx", "vy"],
     "cursor_pos": ["px", "py"],
 }
-CALIBRATIONS = "calibrations"
+CALIBRATIONS = layout.CALIBRATIONS
 DEGRADED_HOLD_S = 5.0  # a failed step keeps the state ``degraded`` this long
 
 
@@ -65,11 +65,11 @@ def output_labels(output: str, dim: int) -> list[str]:
 
 
 # a model or calibration is a name inside the models folder, never a path
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+NAME_PATTERN = layout.NAME_PATTERN
 
 
 def check_name(kind: str, name: str) -> str:
-    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+    if not layout.valid_name(name):
         raise DaemonError(
             f"{kind} name {str(name)[:60]!r}: use 1-100 ASCII letters, digits, '-', '_' or "
             "'.', starting with a letter or digit (a name in the models folder, not a path)",
@@ -86,25 +86,20 @@ def model_folder(cfg: ServeConfig, name: str) -> Path:
     by_name = root / name
     if by_name.is_dir():
         return by_name
-    known = sorted(p.parent.name for p in root.glob("*/meta.json"))
-    raise DaemonError(f"no model {name!r} in {cfg.models_dir}/ (known: {known})", 404)
+    raise DaemonError(f"no model {name!r} in {cfg.models_dir}/ (known: "
+                      f"{layout.known_models(root)})", 404)  # fmt: skip
 
 
 def stored_calibrations(model_dir: Path) -> list[str]:
     """Calibrations listed for a model: whole ones only (a job writes into a hidden
     temporary folder and renames it when complete)."""
-    folder = model_dir / CALIBRATIONS
-    return sorted(
-        p.name
-        for p in folder.glob("*")
-        if p.is_dir() and re.fullmatch(NAME_PATTERN, p.name) and (p / "meta.json").exists()
-    )
+    return layout.stored_calibrations(model_dir)
 
 
 def calibration_folder(model_dir: Path, calibration: str) -> Path:
     check_name("calibration", calibration)
-    path = model_dir / CALIBRATIONS / calibration
-    if not (path / "meta.json").exists():
+    path = layout.calibration_dir(model_dir, calibration)
+    if not layout.is_model(path):
         raise DaemonError(
             f"model {model_dir.name} has no calibration {calibration!r} "
             f"({stored_calibrations(model_dir)})",
@@ -113,24 +108,47 @@ def calibration_folder(model_dir: Path, calibration: str) -> Path:
     return path
 
 
-def load_decoder(cfg: ServeConfig, name: str, calibration: str | None) -> tuple[Decoder, Path]:
-    """The decoder to serve and its base model folder (whose ONNX graphs it uses).
+def load_package(cfg: ServeConfig, name: str, calibration: str | None) -> tuple[ModelPackage, Path]:
+    """The package to serve and its base model folder (whose ONNX graphs it uses).
 
-    Every malformed model is a 422 with what is wrong: a meta.json of the wrong shape, a
-    corrupt weight file, or a weight or normaliser that is NaN/inf as float32."""
+    Packages only: no torch, never an export here. A missing or stale package, or a
+    calibration made on other graph weights, is a 422 naming the export command; every
+    malformed model is a 422 with what is wrong (a meta.json of the wrong shape, a
+    corrupt table, a table or normaliser that is NaN/inf as float32)."""
     base = model_folder(cfg, name)
     path = calibration_folder(base, calibration) if calibration else base
     try:
         check_meta(path)
-        decoder = Decoder.load(path)
-        check_decoder(decoder, str(path))
-        return decoder, base
-    except GuardError as e:
+        pkg = ModelPackage.load(path, graphs_dir=base)
+        check_package(pkg, str(path))
+        if calibration:
+            own = ModelPackage.load(base)
+            if own.graph_hash != pkg.graph_hash:
+                raise PackageError(
+                    f"calibration {calibration} was made on other weights than {base} "
+                    f"(graph hash {pkg.graph_hash} vs {own.graph_hash}): recalibrate, or "
+                    f"export the model it was made on"
+                )
+        for g in ("causal_step", "causal_finish", "window_step"):
+            pkg.graph(g)  # the clear error now, not when a stream appears
+        return pkg, base
+    except (GuardError, PackageError) as e:
         raise DaemonError(str(e), 422) from None
     except FileNotFoundError as e:
         raise DaemonError(f"cannot load {path}: {e}", 422) from None
     except Exception as e:  # noqa: BLE001 - a malformed model is the model's fault, not ours
         raise DaemonError(f"cannot load {path}: {type(e).__name__}: {e}"[:1000], 422) from None
+
+
+def as_package(model, base: Path) -> ModelPackage:
+    """A package, from a torch ``Decoder`` too (tests swap in decoders; imports torch)."""
+    if isinstance(model, ModelPackage):
+        return model
+    from bci_decoder.model.decoder import package_of
+
+    pkg = package_of(model)
+    pkg.graphs_dir = base
+    return pkg
 
 
 class Daemon:
@@ -143,7 +161,7 @@ class Daemon:
         self.state_dir = Path(cfg.state_dir)
         self.ring = SpikeRing(cfg.ring_spikes)
         self._lock = threading.RLock()  # one control operation at a time
-        self.decoder, self.model_dir = load_decoder(cfg, cfg.model, cfg.calibration)
+        self.package, self.model_dir = load_package(cfg, cfg.model, cfg.calibration)
         self.model_name = cfg.model
         self.calibration = cfg.calibration
         self.spike_inlet: SpikeInletThread | None = None
@@ -157,12 +175,20 @@ class Daemon:
         self.started = time.time()
         self.providers: list[str] = []
         self.tables: dict = {}  # which tables decode (/status), set by prepare
-        self.onnx_dir(self.model_dir, self.decoder)  # export (or find) the graphs now
         if cfg.gc_freeze:
             freeze(collect=True)  # nothing runs on deadlines yet: collect, then freeze
         self.gc = GcMonitor()  # collections from here on (the one above took ~150 ms)
         self.recorder = self._open_recorder()
         self._last_state = self.state
+        # what start-up left behind: a full GC collection walks every tracked object while
+        # holding the GIL (runtime/gc_pauses.py), so /status reports the count
+        self.startup = {"gc_tracked_objects": len(gc.get_objects()),
+                        "seconds": time.time() - self.started}  # fmt: skip
+
+    @property
+    def decoder(self) -> ModelPackage:
+        """The package being served (the name it had when it was a torch Decoder)."""
+        return self.package
 
     def _open_recorder(self):
         rc = self.cfg.recording
@@ -194,26 +220,7 @@ class Daemon:
             rec.output(t, y, lsl_clock(), loop.step_ms.last(), loop.last_safe)
 
     # ---------------------------------------------------------------- engines
-    def onnx_dir(self, base: Path, decoder: Decoder) -> Path:
-        """The base model's exported step graphs (cached by weight hash).
-
-        A calibration changes only unit and session embeddings, which stay outside the
-        graphs, so every calibration of a model shares its base model's export."""
-        from bci_decoder.export.onnx_export import FORMAT, export_step
-
-        digest = hashlib.sha1((base / "model.safetensors").read_bytes()).hexdigest()[:12]
-        out = self.state_dir / "onnx" / f"{base.name}-{digest}"
-        meta = out / "export.json"
-        try:
-            current = json.loads(meta.read_text()).get("format") == FORMAT
-        except (OSError, ValueError):
-            current = False  # missing or corrupt: export again
-        if not current:
-            log.info("exporting %s to %s", base, out)
-            export_step(Decoder.load(base), out)
-        return out
-
-    def _session_for(self, decoder: Decoder, hint: str) -> tuple[str, bool]:
+    def _session_for(self, decoder: ModelPackage, hint: str) -> tuple[str, bool]:
         """(session to decode, whether the stream's units are known to it)."""
         calibrated = decoder.info.get("calibration", {}).get("session")
         for cand in (calibrated, self.cfg.session, hint):
@@ -226,37 +233,21 @@ class Daemon:
                 return s, False
         raise DaemonError(f"the model has no session that decodes {wanted!r}", 422)
 
-    def prepare(
-        self, decoder: Decoder, base: Path, labels: list[str], hint: str, prime: bool = True
-    ) -> ActiveEngine:
-        """Build an engine for the current stream and prime it with the ring's last
-        ``context`` seconds, off the decode loop's thread."""
-        from bci_decoder.runtime.engine import StreamingEngine
-
-        session, known = self._session_for(decoder, hint)
+    def _plan(self, pkg: ModelPackage, labels: list[str], hint: str) -> dict:
+        """What decodes the current stream: package (zero-shot: extended), session,
+        output, unit map, and which tables (/status)."""
+        session, known = self._session_for(pkg, hint)
         tables = {"kind": "pretrained" if known else "none: units unknown until calibrated"}
-        if decoder.info.get("calibration", {}).get("session") == session:
+        if pkg.info.get("calibration", {}).get("session") == session:
             tables["kind"] = "calibrated"
         if not known and labels:
-            warm = self._zero_shot(decoder, labels, hint)
+            warm = self._zero_shot(pkg, labels, hint)
             if warm is not None:  # a new day of a known subject: its earlier days' tables
-                decoder, session, known = warm, warm.info["calibrated"]["session"], True
+                pkg, session, known = warm, warm.info["calibrated"]["session"], True
                 tables = {"kind": "zero-shot warm start", **warm.info["warm_start"]}
-        self.tables = tables | {"session": session}
-        output = self.cfg.output if self.cfg.output in decoder.norms[session] else None
-        output = output or next(iter(decoder.norms[session]))
-        kw = {}
-        if self.cfg.backend == "onnx":
-            kw["onnx_path"] = str(self.onnx_dir(base, decoder))
-        engine = StreamingEngine(
-            decoder, session, output, mode=self.cfg.mode, backend=self.cfg.backend, **kw
-        )
-        runner = getattr(engine, "runner", None)
-        sess = getattr(runner, "session", None)
-        if sess is not None:
-            self.providers = list(sess.get_providers())
-        prefix = f"{session}/"
-        names = [u[len(prefix) :] for u in decoder.units.names if u.startswith(prefix)]
+        output = self.cfg.output if self.cfg.output in pkg.norms[session] else None
+        output = output or next(iter(pkg.norms[session]))
+        names = pkg.session_unit_names(session)
         index = {u: i for i, u in enumerate(names)}
         if not known:
             unit_map = np.full(max(len(labels), 1), -1, np.int64)
@@ -264,11 +255,43 @@ class Daemon:
             unit_map = np.array([index.get(lab, -1) for lab in labels], np.int64)
         else:  # a stream without unit labels: index i is the session's i-th unit
             unit_map = np.arange(len(names), dtype=np.int64)
-        dim = decoder.model.output_dims[output]
+        return {"package": pkg, "session": session, "known": known, "output": output,
+                "unit_map": unit_map, "tables": tables | {"session": session}}  # fmt: skip
+
+    def _active(self, plan: dict, engine, cursor: int, tables=None) -> ActiveEngine:
+        output = plan["output"]
+        return ActiveEngine(
+            engine=engine,
+            unit_map=plan["unit_map"],
+            cursor=cursor,
+            labels=output_labels(output, plan["package"].output_dims[output]),
+            output=output,
+            session=plan["session"],
+            calibrated=plan["known"],
+            model=self.model_name,
+            calibration=self.calibration,
+            tables=tables,
+        )
+
+    def prepare(
+        self, decoder: ModelPackage, base: Path, labels: list[str], hint: str, prime: bool = True
+    ) -> ActiveEngine:
+        """Build an engine for the current stream and prime it with the ring's last
+        ``context`` seconds, off the decode loop's thread."""
+        from bci_decoder.runtime.engine import StreamingEngine
+
+        plan = self._plan(as_package(decoder, base), labels, hint)
+        pkg, unit_map = plan["package"], plan["unit_map"]
+        self.tables = plan["tables"]
+        engine = StreamingEngine(pkg, plan["session"], plan["output"], mode=self.cfg.mode,
+                                 intra_op_threads=self.cfg.onnx_threads)  # fmt: skip
+        sess = getattr(engine.runner, "session", None)
+        if sess is not None:
+            self.providers = list(sess.get_providers())
         cursor = self.ring.written
         if prime:
             now = lsl_clock()
-            start = self.ring.cursor_at(now - decoder.config.context - decoder.config.latent_step)
+            start = self.ring.cursor_at(now - pkg.context - pkg.latent_step)
             cursor = self.ring.cursor_at(now - 0.002)
             times, units, _, _ = self.ring.read_spikes(start)
             times, units = times[: cursor - start], units[: cursor - start]
@@ -283,47 +306,62 @@ class Daemon:
                 if len(part):
                     engine.push(times[part], mapped[part])
                 time.sleep(0.0005)
-        return ActiveEngine(
-            engine=engine,
-            unit_map=unit_map,
-            cursor=cursor,
-            labels=output_labels(output, dim),
-            output=output,
-            session=session,
-            calibrated=known,
-            model=self.model_name,
-            calibration=self.calibration,
-        )
+        return self._active(plan, engine, cursor)
 
-    def _zero_shot(self, decoder: Decoder, labels: list[str], hint: str) -> Decoder | None:
-        """The model with a new day of the stream's subject added from its earlier days'
-        tables (``calibrate.zero_shot``), or None when the stream names no subject the
-        model knows or none of its channels."""
-        from bci_decoder.calibrate import zero_shot
-        from bci_decoder.data.session import Session
-        from bci_decoder.subjects import subject_sessions
+    def retable(self, decoder: ModelPackage, base: Path, labels: list[str], hint: str):
+        """The running engine with new unit tables (a calibration of the model it runs):
+        no new ONNX Runtime session, no priming; the loop swaps the tables in with
+        ``set_units`` between two steps. None when a new engine is needed (other graphs,
+        or an output of another size)."""
+        loop = self.loop
+        if loop is None:
+            return None
+        old = loop.active
+        engine = old.engine
+        pkg = as_package(decoder, base)
+        if getattr(engine, "package", None) is None or engine.package.graph_hash != pkg.graph_hash:
+            return None
+        plan = self._plan(pkg, labels, hint)
+        if plan["package"].output_dims[plan["output"]] != len(old.labels):
+            return None
+        tables = UnitTables.build(plan["package"], plan["session"], plan["output"])
+        self.tables = plan["tables"]
+        return self._active(plan, engine, old.cursor, tables)
+
+    def _zero_shot(self, pkg: ModelPackage, labels: list[str], hint: str):
+        """The package with a new day of the stream's subject added from its earlier
+        days' tables (``calibrate.zero_shot``, in numpy on the package), or None when the
+        stream names no subject the model knows or none of its channels."""
+        from bci_decoder.subjects import plan_warm_start, subject_sessions
 
         inlet = self.spike_inlet
         subject = inlet.subject_hint if inlet is not None else ""
         recorded = inlet.recorded_hint if inlet is not None else ""
-        days = subject_sessions(decoder.info, subject, recorded) if subject else []
+        days = subject_sessions(pkg.info, subject, recorded) if subject else []
         if not days:
             return None
-        output = self.cfg.output or next(iter(decoder.norms.get(days[0], {})), None)
-        if output is None or output not in decoder.model.output_names:
+        output = self.cfg.output or next(iter(pkg.norms.get(days[0], {})), None)
+        if output is None or output not in pkg.output_names:
             return None
-        shell = Session(
-            session_id=hint or f"{subject}-new-day", subject=subject, spike_times=np.zeros(0),
-            spike_units=np.zeros(0, np.int32), unit_ids=list(labels),
-            brain_areas=["unknown"] * len(labels), behavior={}, domain=(0.0, 0.0),
-            recorded_at=recorded,
-        )  # fmt: skip
-        try:
-            dec = zero_shot(decoder, shell, output)
-        except ValueError as e:
-            log.info("no zero-shot start: %s", e)
+        sid = hint or f"{subject}-new-day"
+        warm = plan_warm_start(pkg.units.to_list(), pkg.sessions.to_list(), pkg.info, subject,
+                               list(labels), recorded_at=recorded)  # fmt: skip
+        if warm is None or warm.matched == 0:
             return None
-        return dec if dec.info["warm_start"]["units_matched"] > 0 else None
+        norm = pkg.norms.get(warm.nearest_session, {}).get(output)
+        if norm is None:
+            with_output = [d for d in days if output in pkg.norms.get(d, {})]
+            if not with_output:
+                log.info("no zero-shot start: no day of %r decodes %r", subject, output)
+                return None
+            norm = pkg.norms[with_output[0]][output]
+            warm.notes.append(f"normalisation of {output} from {with_output[0]}")
+        info = dict(pkg.info) | {
+            "warm_start": warm.summary(),
+            "calibrated": {"session": sid, "span": [], "steps": 0, "zero_shot": True},
+        }
+        return pkg.with_session(sid, list(labels), output, norm, warm.unit_rows,
+                                warm.session_row, info)  # fmt: skip
 
     # ---------------------------------------------------------------- control
     @property
@@ -431,7 +469,7 @@ class Daemon:
                         self._seen_connects = inlet.stats.connects
                         self._install(
                             self.prepare(
-                                self.decoder, self.model_dir, inlet.labels, inlet.session_hint
+                                self.package, self.model_dir, inlet.labels, inlet.session_hint
                             )
                         )
                 except Exception:  # noqa: BLE001 - keep supervising; /status shows it
@@ -488,34 +526,44 @@ class Daemon:
         return out
 
     def swap_decoder(
-        self, decoder: Decoder, base: Path, name: str, calibration: str | None
+        self, decoder: ModelPackage, base: Path, name: str, calibration: str | None
     ) -> dict:
-        """Serve ``decoder`` from the next step on (model load or calibration apply)."""
+        """Serve ``decoder`` (a package) from the next step on (model load or
+        calibration apply). A calibration of the running model only swaps unit tables
+        into the running engine (``retable``); anything else builds a new engine."""
+        decoder = as_package(decoder, base)
         with self._lock:
-            prev = (self.decoder, self.model_dir, self.model_name, self.calibration)
-            self.decoder, self.model_dir = decoder, base
+            prev = (self.package, self.model_dir, self.model_name, self.calibration)
+            self.package, self.model_dir = decoder, base
             self.model_name, self.calibration = name, calibration
             try:
                 if self.loop is not None and self.spike_inlet is not None:
                     inlet = self.spike_inlet
-                    self._install(self.prepare(decoder, base, inlet.labels, inlet.session_hint))
-                else:
-                    self.onnx_dir(base, decoder)
+                    active = None
+                    if base == prev[1] and self.cfg.mode == getattr(
+                        self.loop.active.engine, "mode", None
+                    ):
+                        active = self.retable(decoder, base, inlet.labels, inlet.session_hint)
+                    if active is None:
+                        active = self.prepare(decoder, base, inlet.labels, inlet.session_hint)
+                    self._install(active)
             except Exception:
-                self.decoder, self.model_dir, self.model_name, self.calibration = prev
+                self.package, self.model_dir, self.model_name, self.calibration = prev
                 raise
             self.record_event("model", name=name, calibration=calibration)
             return self.describe_model()
 
     def load_model(self, name: str, calibration: str | None = None) -> dict:
-        decoder, base = load_decoder(self.cfg, name, calibration)
-        return self.swap_decoder(decoder, base, name, calibration)
+        package, base = load_package(self.cfg, name, calibration)
+        return self.swap_decoder(package, base, name, calibration)
 
-    def base_decoder(self) -> Decoder:
+    def base_package(self) -> ModelPackage:
         """The base model (what calibrations start from), whatever is loaded now."""
         if self.calibration is None:
-            return self.decoder
-        return Decoder.load(self.model_dir)
+            return self.package
+        return ModelPackage.load(self.model_dir)
+
+    base_decoder = base_package
 
     def calibration_block(self, seconds: float, output: str | None) -> tuple:
         """The last ``seconds`` of recorded spikes and behaviour as a new Session.
@@ -539,10 +587,10 @@ class Daemon:
                 409,
             )
         out = output or binlet.output
-        if out not in self.decoder.model.output_names:
+        if out not in self.package.output_names:
             raise DaemonError(
                 f"the behaviour stream carries {out!r}, which the model does not decode "
-                f"({self.decoder.model.output_names}); pass 'output'",
+                f"({self.package.output_names}); pass 'output'",
                 422,
             )
         now = ring.newest_time
@@ -572,9 +620,9 @@ class Daemon:
         return {
             "name": self.model_name,
             "calibration": self.calibration,
-            "sessions": len(self.decoder.sessions),
-            "units": len(self.decoder.units) - 1,
-            "outputs": self.decoder.model.output_names,
+            "sessions": len(self.package.sessions),
+            "units": len(self.package.units) - 1,
+            "outputs": self.package.output_names,
             "session": active.session if active else None,
             "output": active.output if active else None,
             "calibrated": active.calibrated if active else None,
@@ -684,5 +732,6 @@ class Daemon:
             "stream": stream,
             "behavior": behavior,
             "uptime_s": time.time() - self.started,
+            "startup": self.startup,
             "recording": self.recorder.public() if self.recorder is not None else None,
         }

@@ -52,6 +52,9 @@ class ActiveEngine:
     calibrated: bool
     model: str
     calibration: str | None = None
+    # new unit tables for the same engine (a calibration): the loop calls
+    # engine.set_units with them at the swap, so tables and unit_map change together
+    tables: object | None = None
 
 
 @dataclass
@@ -195,8 +198,14 @@ class DecodeLoop(threading.Thread):
         new = self._pending
         if new is None:
             return
-        self.active, self._pending = new, None
-        self._carry_t, self._carry_u = self._carry_t[:0], self._carry_u[:0]
+        old, self.active, self._pending = self.active, new, None
+        if new.tables is not None and new.engine is old.engine:
+            # the same engine and ONNX Runtime session, new unit tables: it goes on from
+            # where it was (cursor, spikes waiting for the next step)
+            new.cursor = old.cursor
+            new.engine.set_units(new.tables)
+        else:
+            self._carry_t, self._carry_u = self._carry_t[:0], self._carry_u[:0]
         if len(new.labels) != len(self._last):
             self._last = np.zeros(len(new.labels), np.float32)
         self.stats.swaps += 1

@@ -15,10 +15,10 @@ import threading
 
 import numpy as np
 
-from bci_decoder.config import StreamSettings
 from bci_decoder.runtime.decode_loop import ActiveEngine, DecodeLoop
 from bci_decoder.runtime.lsl_io import ControlOutlet, SpikeInletThread
 from bci_decoder.runtime.ring import SpikeRing
+from bci_decoder.serve_config import StreamSettings
 
 
 class EchoEngine:

@@ -57,6 +57,20 @@ def check_meta(folder: Path) -> None:
             )
 
 
+def check_package(pkg, where: str) -> None:
+    """Refuse a model package with a non-finite table or normaliser (``model.package``)."""
+    for name, table in pkg.arrays.items():
+        if table.dtype.kind != "f":
+            continue
+        bad = ~np.isfinite(table.astype(np.float32))
+        if bad.any():
+            raise GuardError(
+                f"{where}: weight {name} has {int(bad.sum())} NaN/inf values; "
+                "this model cannot be served (retrain or recalibrate it)"
+            )
+    _check_norms(pkg.norms, where)
+
+
 def check_decoder(decoder, where: str) -> None:
     """Refuse a decoder with a non-finite weight, table or normaliser (as float32)."""
     import torch
@@ -71,7 +85,11 @@ def check_decoder(decoder, where: str) -> None:
                 f"{where}: weight {name} has {int((~finite).sum())} NaN/inf values; "
                 "this model cannot be served (retrain or recalibrate it)"
             )
-    for session, outputs in decoder.norms.items():
+    _check_norms(decoder.norms, where)
+
+
+def _check_norms(norms: dict, where: str) -> None:
+    for session, outputs in norms.items():
         for output, norm in outputs.items():
             for part in ("mean", "std"):
                 v = np.asarray(getattr(norm, part), np.float32)

@@ -37,9 +37,9 @@ import numpy as np
 import pylsl
 from pylsl.util import LostError
 
-from bci_decoder.serve_config import StreamSettings
 from bci_decoder.runtime.priority import realtime
 from bci_decoder.runtime.ring import SampleRing, SpikeRing
+from bci_decoder.serve_config import StreamSettings
 
 log = logging.getLogger(__name__)
 

@@ -84,7 +84,7 @@ async def create(request: Request, daemon: DaemonDep) -> dict:
 def _start_job(daemon: Daemon, manager: CalibrationManager, reply: dict, path: str) -> dict:
     """The checks that need the daemon (model outputs, names), then the job."""
     body, summary = reply["body"], reply["summary"]
-    model_outputs = daemon.decoder.model.output_names
+    model_outputs = daemon.package.output_names
     if body["output"] is not None and body["output"] not in model_outputs:
         raise DaemonError(
             f"output {body['output']!r} is not one the model decodes: {model_outputs}", 422
@@ -101,7 +101,7 @@ def _start_job(daemon: Daemon, manager: CalibrationManager, reply: dict, path: s
         )
     if output not in model_outputs:
         raise DaemonError(f"output {output!r} is not one the model decodes: {model_outputs}", 422)
-    dim, got = daemon.decoder.model.output_dims[output], summary["behavior"][output]["dim"]
+    dim, got = daemon.package.output_dims[output], summary["behavior"][output]["dim"]
     if got != dim:
         raise DaemonError(
             f"behaviour {output!r} has {got} channels; the model's head has {dim}", 422
@@ -116,7 +116,7 @@ def _start_job(daemon: Daemon, manager: CalibrationManager, reply: dict, path: s
         raise DaemonError(
             f"model {base.name} already has a calibration {name!r}; pick another name", 409
         )
-    if summary["session_id"] in daemon.base_decoder().sessions:
+    if summary["session_id"] in daemon.base_package().sessions:
         raise DaemonError(
             f"session {summary['session_id']!r} is already known to {base.name}; name the new "
             "session differently ('session')",
