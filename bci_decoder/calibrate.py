@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -277,6 +277,12 @@ class SecondStage:
     holdout: float = 0.2  # last fraction of the block that decides (and stops early)
     min_gain: float = 0.01  # R² on the slice the second stage must add to be kept
     weight_decay: float = 0.0
+    # A new day of a known subject: fit unit identification from the earlier day's rows
+    # (warm) and from the mean (cold) on the first 80% and keep the start that scores
+    # better on the slice. Warm beat cold on 4 of 7 later Spike days but lost 0.11 on
+    # jango_20160711 (benchmarks/results/across_days.json): which start helps is a property
+    # of the day, and the slice can tell.
+    choose_start: bool = True
 
 
 def fine_tune(
@@ -347,6 +353,9 @@ def adapt(
     """Few-shot adaptation that uses what the block offers.
 
     1. Unit identification on the block's first 80%; its R² on the last 20% is the bar.
+       On a new day of a known subject it is fitted from the earlier day's rows and from
+       the mean, and the start that scores better on the slice is kept
+       (``SecondStage.choose_start``).
     2. The second stage (``SecondStage``) from there, scored on the same 20% as it goes.
     3. If the second stage beat the bar by ``min_gain``, the returned model is unit
        identification on the whole block followed by the second stage for the number of
@@ -361,6 +370,17 @@ def adapt(
     if cut - span[0] > st.sequence + 0.5 and span[1] - cut >= 2.0:
         say("unit identification on the first 80%")
         first = fit_units(decoder, session, output, (span[0], cut), st)
+        warm = st.warm_start != "off" and plan_for(decoder, session, st.warm_start, span)
+        if stage.choose_start and warm:
+            say("unit identification from the mean (cold start) on the first 80%")
+            cold_st = replace(st, warm_start="off")
+            cold = fit_units(decoder, session, output, (span[0], cut), cold_st)
+            r_warm = score_span(first, session, output, (cut, span[1]))
+            r_cold = score_span(cold, session, output, (cut, span[1]))
+            report |= {"slice_r2_warm": r_warm, "slice_r2_cold": r_cold}
+            if r_cold > r_warm:
+                first, st = cold, cold_st
+        report["start"] = "warm" if warm and st.warm_start != "off" else "cold"
         say("second stage, scored on the last 20%")
         _, curve = fine_tune(
             first, session, output, (span[0], cut), st, stage, stage.steps, (cut, span[1])

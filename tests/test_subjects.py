@@ -172,3 +172,31 @@ def _load(sid: str) -> Session:
     if sid not in _CACHE:
         _CACHE[sid] = read_nwb(require_real_data(f"{sid}.nwb"))
     return _CACHE[sid]
+
+
+@pytest.mark.slow
+def test_adapt_keeps_the_start_that_scores_better_on_the_slice(shipped_knows_jango):
+    """On a new day of a known subject, adapt fits unit identification warm and cold on the
+    block's first 80% and keeps whichever scores better on the last 20%; the stored model is
+    then fitted on the whole block from that start (here without a second stage)."""
+    from dataclasses import replace
+
+    from bci_decoder.calibrate import SecondStage, adapt
+
+    jango = _load(JANGO)
+    names = [f"ee{int(u[2:4]):03d}u0" for u in jango.unit_ids]
+    day = _renamed_day(jango, names, "jango_choice_day", span=(300.0, 330.0))
+    span, st = (300.0, 330.0), CalibrationSettings(steps=6, seed=1, threads=1)
+    no_second = SecondStage(steps=2, eval_every=2, min_gain=10.0)
+    dec, report = adapt(shipped_knows_jango, day, "force", span, st, no_second)
+    assert {"slice_r2_warm", "slice_r2_cold"} <= set(report)
+    chosen = "cold" if report["slice_r2_cold"] > report["slice_r2_warm"] else "warm"
+    assert report["start"] == chosen
+    mode = "off" if chosen == "cold" else "name"
+    plain = fit_units(shipped_knows_jango, day, "force", span, replace(st, warm_start=mode))
+    assert torch.equal(dec.model.unit_emb.weight, plain.model.unit_emb.weight)
+    assert ("warm_start" in dec.info) == (chosen == "warm")
+    # never asked to choose: the warm start is kept as before
+    fixed = SecondStage(steps=2, eval_every=2, min_gain=10.0, choose_start=False)
+    _, report = adapt(shipped_knows_jango, day, "force", span, st, fixed)
+    assert report["start"] == "warm" and "slice_r2_cold" not in report
