@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[train,dev]"
 	$(BIN)/pip install -q --no-deps nlb-tools==0.0.4  # test-only; see pyproject dev
 	# falcon-challenge's evaluator, without dandi and its ~70 packages (pyproject dev)
 	$(BIN)/pip install -q --no-deps falcon-challenge==1.0.2

@@ -24,6 +24,7 @@ removed at start-up. A fit that ends with a NaN/inf weight or normaliser is refu
 
 from __future__ import annotations
 
+import importlib.machinery
 import logging
 import multiprocessing as mp
 import os
@@ -229,6 +230,15 @@ class CalibrationManager:
         return next((j for j in self.jobs.values() if j.state in ("queued", "running")), None)
 
     def submit(self, spec: JobSpec, source: str, auto_apply: bool) -> Job:
+        # the fit runs torch in the child; a core (serving-only) install has none. Asked of
+        # the file system, not of this process's importers: the daemon never imports torch
+        if importlib.machinery.PathFinder.find_spec("torch") is None:
+            raise DaemonError(
+                "calibration fits need torch, which this install lacks: pip install "
+                "'bci_decoder[train]' (torch==2.13.0, the CPU build), or fit the calibration "
+                "elsewhere, copy it into the model's calibrations/ folder and PUT /model",
+                409,
+            )
         with self._lock:
             busy = self.running()
             if busy is not None:
