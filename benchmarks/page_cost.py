@@ -20,6 +20,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +51,82 @@ def run_info() -> dict:
     }
 
 
+class ThreadCPU:
+    """Samples the CPU time of each thread of the daemon (``bci_decoder.cli serve`` with a
+    config under ``marker``) every ``period`` s from /proc, to say where watching costs:
+    the main thread is uvicorn's (the page's feed and every page's sends run there), the
+    SCHED_FIFO threads are the decode loop and the spike inlet, the rest the behaviour inlet,
+    the supervisor and the recorder."""
+
+    def __init__(self, marker: str, period: float = 0.25) -> None:
+        self.marker, self.period = marker, period
+        self.samples: list[tuple[float, dict[int, tuple[float, int]]]] = []
+        self.pid: int | None = None
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _find(self, command: str) -> int | None:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if f"bci_decoder.cli {command}" in cmd and self.marker in cmd:
+                return int(proc.name)
+        return None
+
+    def _run(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        replay = None
+        while not self.stop_event.wait(self.period):
+            if self.pid is None:
+                self.pid = self._find("serve")
+                continue
+            if replay is None:
+                replay = self._find("replay")
+            # the replay's lifetime is the span the benchmark measures (decoding)
+            if replay is None or not Path(f"/proc/{replay}").exists():
+                if self.samples:
+                    return
+                continue
+            threads = {}
+            try:
+                for task in Path(f"/proc/{self.pid}/task").iterdir():
+                    f = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                    # utime + stime (fields 14, 15), scheduling policy (field 41; 1 = FIFO)
+                    threads[int(task.name)] = ((int(f[11]) + int(f[12])) / tick, int(f[38]))
+            except (OSError, IndexError, ValueError):
+                if self.samples:
+                    return  # the daemon ended
+                continue
+            self.samples.append((time.monotonic(), threads))
+
+    def stop(self) -> dict:
+        """CPU ms per wall second of each thread group while the replay ran, less its first
+        3 s (the pages open once the loop runs)."""
+        self.stop_event.set()
+        self.thread.join(timeout=5)
+        s = self.samples
+        if len(s) < 2 or self.pid is None:
+            return {}
+        i0 = next((i for i, (w, _) in enumerate(s) if w >= s[0][0] + 3.0), len(s) - 1)
+        (w0, a), (w1, b) = s[i0], s[-1]
+        if w1 - w0 < 1.0:
+            return {}
+
+        def group(th: dict, which: str) -> float:
+            return sum(c for tid, (c, pol) in th.items()
+                       if (which == "main" and tid == self.pid)
+                       or (which == "fifo" and pol == 1)
+                       or (which == "other" and tid != self.pid and pol != 1))  # fmt: skip
+
+        return {f"{g}_cpu_ms_per_s": 1e3 * (group(b, g) - group(a, g)) / (w1 - w0)
+                for g in ("main", "fifo", "other")} | {"span_s": w1 - w0}  # fmt: skip
+
+
 def order(arms: list[int], repeats: int) -> list[int]:
     """A B, B A, A B, ...: each arm first in half the rounds."""
     seq = []
@@ -72,12 +149,14 @@ def summary(runs: list[dict]) -> dict:
         "median_p50_ms": float(np.median(p50)),
         "median_p99_ms": float(np.median(p99)),
         "daemon_cpu_percent": [r["daemon_cpu_percent"] for r in runs],
+        "main_thread_cpu_ms_per_s": [r["threads"].get("main_cpu_ms_per_s") for r in runs],
+        "fifo_threads_cpu_ms_per_s": [r["threads"].get("fifo_cpu_ms_per_s") for r in runs],
     }
 
 
 def table(res: dict) -> str:
     lines = [f"{'pages':>5} {'run':>3} {'steps':>6} {'missed':>6} {'p50 ms':>7} {'p99 ms':>7} "
-             f"{'echo p99':>8} {'CPU %':>6} {'msg/s/page':>10}"]  # fmt: skip
+             f"{'echo p99':>8} {'CPU %':>6} {'msg/s/page':>10} {'main ms/s':>9} {'FIFO ms/s':>9}"]  # fmt: skip
     for r in res["runs"]:
         w = r["watching"]
         rate = np.mean(w["messages_per_s"]) if w.get("messages_per_s") else 0.0
@@ -85,7 +164,9 @@ def table(res: dict) -> str:
         lines.append(
             f"{w['pages']:>5} {r['index']:>3} {r['steps']:>6} {r['missed']:>6} {o['p50']:>7.3f} "
             f"{o['p99']:>7.3f} {r['echo_latency_ms']['p99']:>8.3f} "
-            f"{r['daemon_cpu_percent']:>6.0f} {rate:>10.1f}"
+            f"{r['daemon_cpu_percent']:>6.0f} {rate:>10.1f} "
+            f"{r['threads'].get('main_cpu_ms_per_s', float('nan')):>9.1f} "
+            f"{r['threads'].get('fifo_cpu_ms_per_s', float('nan')):>9.1f}"
         )
     for pages, s in res["arms"].items():
         lines.append(f"{pages} pages: median missed {s['median_missed']:g}, output p50 "
@@ -107,7 +188,12 @@ def main() -> None:
     runs = []
     for i, pages in enumerate(order([0, a.pages], a.repeats)):
         with tempfile.TemporaryDirectory(prefix="page-cost-") as tmp:
-            r = run(a.units, a.cadence, a.seconds, a.model, Path(tmp), pages=pages)
+            cpu = ThreadCPU(tmp)
+            try:
+                r = run(a.units, a.cadence, a.seconds, a.model, Path(tmp), pages=pages)
+            finally:
+                r_cpu = cpu.stop()
+        r["threads"] = r_cpu
         r["index"] = i
         runs.append(r)
         o = r["output_latency_ms"]

@@ -4,9 +4,11 @@ decoding a real LSL replay. A screenshot is left in out/page.png."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
+import threading
 import time
 
 import httpx
@@ -86,17 +88,48 @@ def test_feed_without_a_browser(session, models_dir, state_dir):
                 if time.monotonic() - t0 > 2.0:
                     break
         rate = len(msgs) / (time.monotonic() - t0)
+        # three pages at once: one snapshot per tick for all of them, not one per page
+        feed = srv.app.state.live_feed
+        n0 = feed.snapshots
+        counts = watch_pages(srv.url, pages=3, seconds=2.0)
+        ticks = feed.snapshots - n0
         rep.stop()
     assert rate >= 10, f"{rate:.1f} messages/s"
-    spikes = sum(len(m["spikes"]["dt"]) for m in msgs)
+    spikes = sum(len(base64.b64decode(m["spikes"]["ago"])) // 4 for m in msgs)
     assert spikes > 100, spikes
+    assert sum(m["spikes"]["shown"] for m in msgs) == spikes
     assert all(m["state"] == "running" for m in msgs[-5:])
     last = msgs[-1]
     assert len(last["output"]["y"]) == 2 and last["counters"]["steps"] > 50
+    # the first message of a connection has what changes slowly, later ones only now and then
+    assert msgs[0]["model"]["name"] == "poyo-mp-small" and msgs[0]["outputs"]["labels"]
+    assert sum("model" in m for m in msgs) < len(msgs) / 2
     assert last["behavior"]["labels"] and sum(len(m["behavior"]["t"]) for m in msgs) > 50
     lat = next(m["latency"] for m in reversed(msgs) if "latency" in m)
     assert sum(lat["counts"]) > 50 and 0 < lat["p50"] <= lat["p99"] <= lat["p999"]
     assert "unknown_unit" in last["discards"] and last["discards"]["unknown_unit"] > 0
+    assert min(counts) >= 15, counts  # each page got the feed...
+    assert ticks <= max(counts) + 3, (ticks, counts)  # ...from one snapshot per message
+
+
+def watch_pages(url: str, pages: int, seconds: float) -> list[int]:
+    """``pages`` SSE clients side by side for ``seconds``; the messages each received."""
+    counts = [0] * pages
+
+    def watch(i: int) -> None:
+        t0 = time.monotonic()
+        with httpx.stream("GET", url + "/live/events", timeout=10) as r:
+            for line in r.iter_lines():
+                counts[i] += line.startswith("data: {")
+                if time.monotonic() - t0 > seconds:
+                    return
+
+    threads = [threading.Thread(target=watch, args=(i,)) for i in range(pages)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=seconds + 20)
+    return counts
 
 
 def test_page_in_chromium(session, models_dir, state_dir):

@@ -1,6 +1,8 @@
-// The monitoring page: one EventSource on /live/events (a snapshot every 50 ms), plain
+// The monitoring page: one EventSource on /live/events (a snapshot every 80 ms), plain
 // canvas drawing, no libraries. Times are LSL clock seconds; each snapshot carries the
-// daemon's clock `t`, and everything is drawn relative to the newest one.
+// daemon's clock `t`, and everything is drawn relative to the newest one. What changes
+// slowly (model, outputs' labels, histogram, sources) comes in every 10th message and is
+// kept until the next; spikes come as base64 little-endian int32 arrays (api/routes/page.py).
 "use strict";
 
 const TRACE_S = 10, RASTER_S = 5, CURSOR_S = 2;
@@ -85,19 +87,22 @@ function connect() {
 
 function trim(arr, t0) { let i = 0; while (i < arr.length && arr[i].t < t0) i++; if (i) arr.splice(0, i); }
 
+function int32s(b64) {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  return new Int32Array(bytes.buffer);  // little-endian: every platform a browser runs on
+}
+
 function take(msg) {
   last = Object.assign(last || {}, msg);
   buf.now = msg.t;
-  if (msg.output) {
-    buf.labels = msg.output.labels;
-    buf.out.push({ t: msg.output.t, y: msg.output.y });
-  }
+  if (msg.outputs) buf.labels = msg.outputs.labels;
+  if (msg.output) buf.out.push({ t: msg.output.t, y: msg.output.y });
   if (msg.behavior) {
     buf.behLabels = msg.behavior.labels; buf.behOutput = msg.behavior.output;
     for (let i = 0; i < msg.behavior.t.length; i++) buf.beh.push({ t: msg.behavior.t[i], y: msg.behavior.y[i] });
   }
-  const s = msg.spikes;
-  for (let i = 0; i < s.dt.length; i++) buf.spikes.push({ t: msg.t + s.dt[i], u: s.u[i] });
+  const ago = int32s(msg.spikes.ago), u = int32s(msg.spikes.u);  // ago: 0.1 ms ticks before t
+  for (let i = 0; i < ago.length; i++) buf.spikes.push({ t: msg.t - 1e-4 * ago[i], u: u[i] });
   trim(buf.out, buf.now - TRACE_S); trim(buf.beh, buf.now - TRACE_S); trim(buf.spikes, buf.now - RASTER_S);
 }
 
@@ -118,6 +123,7 @@ function table(id, rows) {
 
 function draw() {
   const m = last;
+  if (!m.model) return;  // the first message of a connection carries it
   const st = $("state"); text("state", m.state); st.dataset.state = m.state;
   text("feed", `feed: ${messages} messages`);
   text("model", m.model.name);
@@ -221,7 +227,9 @@ function drawCursor() {
 function drawLatency() {
   const L = last.latency; if (!L) return;
   const cv = $("latency"), g = cv.getContext("2d"), W = cv.width, H = cv.height;
-  const e = L.edges_ms, n = L.counts.slice(1, -1);  // drop under/over-flow bins from the bars
+  const e = [];  // log-spaced bin edges, as the daemon's (HIST_EDGES)
+  for (let i = 0; i <= L.bins; i++) e.push(L.lo_ms * Math.pow(L.hi_ms / L.lo_ms, i / L.bins));
+  const n = L.counts.slice(1, -1);  // drop under/over-flow bins from the bars
   const total = L.counts.reduce((a, b) => a + b, 0);
   // x: log ms from 0.1 to 100 (wider values are in the under/over counts)
   const lx0 = Math.log10(0.1), lx1 = Math.log10(100);
@@ -244,7 +252,7 @@ function drawLatency() {
   mark(L.p50, "p50", "#15803d"); mark(L.p99, "p99", "#d97706"); mark(L.p999, "p99.9", "#b91c1c");
   g.fillStyle = "#666"; g.fillText("√count", 2, 12);
   text("lat-text", `p50 ${fmt(L.p50)} ms · p99 ${fmt(L.p99)} ms · p99.9 ${fmt(L.p999)} ms · ${total} steps` +
-    (L.counts[L.counts.length - 1] ? ` · ${L.counts[L.counts.length - 1]} over ${e[e.length - 1]} ms` : ""));
+    (L.counts[L.counts.length - 1] ? ` · ${L.counts[L.counts.length - 1]} over ${L.hi_ms} ms` : ""));
   text("lat-window", `(deadline to output sent, last ${L.window_s} s)`);
   cv.dataset.total = String(total);
 }
