@@ -423,23 +423,35 @@ def zero_shot(
             "among its pretraining sessions' subjects (or warm_start is off); calibrate with "
             "labelled seconds instead"
         )
-    norm = decoder.norms.get(warm.nearest_session, {}).get(output)
+    norm = nearest_day_norm(decoder, session, warm, output)
     if norm is None:
-        days = [
-            sid
-            for sid in subject_sessions(decoder.info, session.subject, session.recorded_at)
-            if output in decoder.norms.get(sid, {})
-        ]
-        if not days:
-            raise ValueError(f"no day of {session.subject!r} in the model decodes {output!r}")
-        norm = decoder.norms[days[0]][output]
-        warm.notes.append(f"normalisation of {output} from {days[0]}")
+        raise ValueError(f"no day of {session.subject!r} in the model decodes {output!r}")
     dec = add_session(decoder, session, output, norm, warm)
     dec.model.eval()
     dec.info = dict(dec.info) | {
         "calibrated": {"session": session.session_id, "span": [], "steps": 0, "zero_shot": True}
     }
     return dec
+
+
+def nearest_day_norm(
+    decoder: Decoder, session: Session, warm: WarmStart, output: str
+) -> Normalizer | None:
+    """The behaviour normalisation of ``output`` on the nearest earlier day of the
+    session's subject that decodes it (None if no day does): what a new day without labels
+    maps z-scores back with."""
+    norm = decoder.norms.get(warm.nearest_session, {}).get(output)
+    if norm is not None:
+        return norm
+    days = [
+        sid
+        for sid in subject_sessions(decoder.info, session.subject, session.recorded_at)
+        if output in decoder.norms.get(sid, {})
+    ]
+    if not days:
+        return None
+    warm.notes.append(f"normalisation of {output} from {days[0]}")
+    return decoder.norms[days[0]][output]
 
 
 def _block_sampler(

@@ -28,11 +28,20 @@ import torch
 from torch.func import functional_call
 from tqdm import tqdm
 
-from bci_decoder.calibrate import _SEED_LOCK, NewRows, add_session, lr_factor, score_span
+from bci_decoder.calibrate import (
+    _SEED_LOCK,
+    NewRows,
+    add_session,
+    lr_factor,
+    nearest_day_norm,
+    plan_for,
+    score_span,
+)
 from bci_decoder.config import MtMSettings
 from bci_decoder.data.session import Session, time_split
 from bci_decoder.decode import to_torch
 from bci_decoder.model.masking import MTM_KEYS, SCHEMES
+from bci_decoder.subjects import WarmStartMode
 from bci_decoder.train.checkpoint import Decoder, Normalizer
 from bci_decoder.train.data import MtMSampler, MtMSource
 from bci_decoder.train.objectives import masked_poisson_nll
@@ -58,6 +67,9 @@ class UnsupervisedSettings:
     # behaviour the model decodes, else the model's first output
     threads: int = 0
     seed: int = 0
+    # a new day of a subject the model knows starts from the earlier day's rows and decodes
+    # with that day's behaviour normalisation (as ``calibrate.zero_shot``); "off": the mean
+    warm_start: WarmStartMode = "name"
 
 
 def unlabelled_norm(decoder: Decoder, output: str) -> Normalizer:
@@ -113,9 +125,13 @@ def fit_units_unsupervised(
             f"calibration span {span[1] - span[0]:.1f} s is too short (need > {window + 0.5} s)"
         )
     output = pick_output(decoder, session, st.output)
+    warm = plan_for(decoder, session, st.warm_start, span)
+    norm = unlabelled_norm(decoder, output)
+    if warm is not None:
+        norm = nearest_day_norm(decoder, session, warm, output) or norm
     with _SEED_LOCK:  # the new rows' random start: the same whichever thread fits
         torch.manual_seed(st.seed)
-        dec = add_session(decoder, session, output, unlabelled_norm(decoder, output))
+        dec = add_session(decoder, session, output, norm, warm)
     model = dec.model
     sid = session.session_id
     first_unit, first_session = len(decoder.units), len(decoder.sessions)

@@ -408,3 +408,34 @@ def test_cli_calibrate_labels_none(tmp_path, two_regions):
     )  # fmt: skip
     assert bad.exit_code == 2 and "--labels" in bad.output
     assert time_split(new).test[0] > 10
+
+
+def test_label_free_calibration_of_a_new_day_starts_from_the_earlier_day(two_regions):
+    """A new day of a subject the model knows: label-free calibration starts each unit from
+    the same channel's row on the earlier day and decodes with that day's normalisation;
+    with warm_start off it starts from the mean and the pretrained sessions' mean norm."""
+    names = [f"ch{i + 1:02d}_u0" for i in range(two_regions.num_units)]
+    day1 = dataclasses.replace(two_regions, session_id="day1", subject="m", unit_ids=names)
+    day1.recorded_at = "2020-01-01T00:00:00"
+    torch.manual_seed(0)
+    dec = attach_mtm_head(_decoder_for(day1))
+    dec.info = {"session_meta": {"day1": {"subject": "m", "recorded_at": day1.recorded_at}}}
+    n1 = dec.norms["day1"]["hand_vel"]  # another animal's norm, so the mean of all differs
+    dec.norms["other"] = {"hand_vel": dataclasses.replace(n1, mean=n1.mean + 5.0)}
+    day2 = dataclasses.replace(day1, session_id="day2", behavior={})
+    day2.recorded_at = "2020-01-02T00:00:00"
+    st = UnsupervisedSettings(steps=1, batch_size=2, lr=1e-9, warmup=1.0)
+    cal = fit_units_unsupervised(dec, day2, (0.0, 20.0), st)
+    assert cal.info["warm_start"]["units_matched"] == day1.num_units
+    rows = cal.units.session_units("day2", names)
+    # the warm rows, moved by at most one step of lr 1e-9 (and the held mean)
+    torch.testing.assert_close(
+        cal.model.unit_emb.weight[rows], dec.model.unit_emb.weight[1:], atol=1e-6, rtol=0
+    )
+    np.testing.assert_array_equal(
+        cal.norms["day2"]["hand_vel"].mean, dec.norms["day1"]["hand_vel"].mean
+    )
+    cold = fit_units_unsupervised(dec, day2, (0.0, 20.0), dataclasses.replace(st, warm_start="off"))
+    assert "warm_start" not in cold.info
+    assert not np.allclose(cold.norms["day2"]["hand_vel"].mean, n1.mean)
+    assert not torch.allclose(cold.model.unit_emb.weight[rows], dec.model.unit_emb.weight[1:])
