@@ -17,8 +17,16 @@ import numpy as np
 
 
 def rotary_periods(num_freqs: int, min_period: float, max_period: float) -> np.ndarray:
-    """(F,) float64 periods, log-spaced (``rotary.rotary_periods``)."""
-    return np.logspace(math.log10(min_period), math.log10(max_period), num_freqs)
+    """(F,) float64 periods, log-spaced, bit-identical to ``rotary.rotary_periods``
+    (``torch.logspace`` steps from the start for the first half and from the end for the
+    second; ``np.logspace`` differs by an ulp). Packages store the model's own periods."""
+    lo, hi = math.log10(min_period), math.log10(max_period)
+    if num_freqs == 1:
+        return np.array([10.0**lo])
+    step = (hi - lo) / (num_freqs - 1)
+    i = np.arange(num_freqs)
+    exponent = np.where(i < num_freqs // 2, lo + step * i, hi - step * (num_freqs - 1 - i))
+    return np.power(10.0, exponent)
 
 
 def angles(t: np.ndarray | float, periods: np.ndarray, out: np.ndarray | None = None):
