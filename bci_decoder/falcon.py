@@ -34,6 +34,7 @@ import numpy as np
 from bci_decoder.baselines.wiener import WienerFilter
 from bci_decoder.data.nwb import spikes_from_counts
 from bci_decoder.data.session import Session
+from bci_decoder.model import layout
 from bci_decoder.train.checkpoint import Decoder
 
 try:  # optional: pip install 'bci_decoder[falcon]' (or falcon-challenge --no-deps)
@@ -47,7 +48,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     ) from e
 
 BIN_S = 0.02  # FALCON's bin width for H1, M1 and M2
-CALIBRATIONS = "calibrations"
+CALIBRATIONS = layout.CALIBRATIONS
 M2_HELD_IN = ["Run1_20201019", "Run2_20201019", "Run1_20201020", "Run2_20201020",
               "Run1_20201027", "Run2_20201027", "Run1_20201028"]  # fmt: skip
 
@@ -124,7 +125,7 @@ class FalconDecoder(BCIDecoder):
     ) -> None:
         super().__init__(task_config=task_config, batch_size=batch_size)
         self.model_dir = Path(model_dir)
-        if not (self.model_dir / "meta.json").exists():
+        if not (self.model_dir / layout.META).exists():
             raise FileNotFoundError(f"{self.model_dir} is not a model folder (no meta.json)")
         self.tags = dict(tags)
         self.output, self.mode, self.backend, self.bin_s = output, mode, backend, bin_s
@@ -145,7 +146,7 @@ class FalconDecoder(BCIDecoder):
             )
         name = self.tags[tag]
         folder = self.model_dir / CALIBRATIONS / name
-        if (folder / "meta.json").exists():
+        if (folder / layout.META).exists():
             dec = Decoder.load(folder)
             session = dec.info.get("calibration", {}).get("session") or name
         elif name in self.base.sessions:

@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:
 
 from bci_decoder.calibrate import add_session  # noqa: E402
 from bci_decoder.data.nwb import write_nwb  # noqa: E402
+from bci_decoder.model import layout  # noqa: E402
 from bci_decoder.runtime.processes import ProcessGroup, free_port, wait_http  # noqa: E402
 from bci_decoder.train.checkpoint import Decoder, Normalizer  # noqa: E402
 from benchmarks.engine_latency import stream as poisson_session  # noqa: E402
@@ -117,7 +118,7 @@ def run(
     base = Decoder.load(models / model)
     cal = add_session(base, session, "hand_vel", Normalizer.fit(session.behavior["hand_vel"].data))
     cal.info = dict(cal.info) | {"calibration": {"session": session.session_id}}
-    cal.save(models / model / "calibrations" / "bench")
+    cal.save(layout.calibration_dir(models / model, "bench"))
     nwb = write_nwb(session, work / "bench.nwb")
     port, token = free_port(), secrets.token_urlsafe(16)
     spikes_id, control_id, echo_id = f"e2e-{tag}", f"e2e-{tag}-control", f"e2e-{tag}-echo"

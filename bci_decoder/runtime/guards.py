@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bci_decoder.model import layout
+
 # keys meta.json must have, with the JSON type each must be
 META_KEYS = {"config": dict, "outputs": dict, "units": list, "sessions": list, "norms": dict}
 
@@ -40,7 +42,7 @@ def check_float32(name: str, values: np.ndarray) -> np.ndarray:
 
 def check_meta(folder: Path) -> None:
     """Refuse a ``meta.json`` that is not the mapping the loader expects."""
-    path = Path(folder) / "meta.json"
+    path = Path(folder) / layout.META
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
