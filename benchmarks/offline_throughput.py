@@ -29,7 +29,7 @@ from engine_latency import CONFIGS, stream  # noqa: E402
 
 from bci_decoder.config import TrainConfig  # noqa: E402
 from bci_decoder.decode import decode_causal, decode_stream, session_tokens  # noqa: E402
-from bci_decoder.runtime.engine import graphs_for  # noqa: E402
+from bci_decoder.export.onnx_export import in_memory_package  # noqa: E402
 from bci_decoder.train.loop import build_decoder  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     q = np.arange(1.0, 1.0 + seconds, args.hop_ms / 1e3) + 1e-4  # the queries decoded
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    graphs_for(dec)  # the one-off export, timed apart (cached per model weights)
+    in_memory_package(dec)  # the one-off export, timed apart (cached per graph weights)
     export_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
