@@ -95,6 +95,55 @@ def train(
         typer.echo(f"model written to {cfg.out}")
 
 
+@app.command("mtm-head")
+def mtm_head(
+    model: Annotated[Path, typer.Option(help="Model folder trained without the masked objective")],
+    config: Annotated[
+        Path, typer.Option(help="Its training config: the sessions the head learns on")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for the model with its new MtM head")],
+    steps: Annotated[int, typer.Option(help="Optimiser steps (head only)")] = 400,
+    bin_width: Annotated[
+        float,
+        typer.Option(help="s per count bin: the source bin of binned data, 0.02 for spike times"),
+    ] = 0.05,
+    threads: Annotated[int, typer.Option(help="torch threads (0: torch's default)")] = 1,
+) -> None:
+    """Give a supervised model a masked readout (MtM head) so it can calibrate without labels.
+
+    Every pretrained weight stays as it is: only the head learns to reconstruct hidden
+    spiking of the model's own pretraining sessions (training parts). Then
+    `bci-decoder calibrate --labels none` and POST /calibrations with
+    `"mode": "unsupervised"` work with the new folder.
+    """
+    import numpy as np
+    import torch
+
+    from bci_decoder.config import MtMSettings, load_train_config
+    from bci_decoder.train.loop import selected_sessions
+    from bci_decoder.train.objectives import train_mtm_head
+
+    if threads:
+        torch.set_num_threads(threads)
+    dec = _load_decoder(model)
+    try:
+        cfg = load_train_config(config)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    known = [s for s in selected_sessions(cfg) if s.session_id in dec.sessions]
+    if not known:
+        _fail(f"none of the sessions {config} selects is in {model}: another model's config?")
+    settings = MtMSettings(enabled=True, bin_width=bin_width, batch_size=8)
+    typer.echo(f"fitting an MtM head on {len(known)} sessions, {steps} steps")
+    head, losses = train_mtm_head(dec, known, settings, steps, progress=True)
+    head.save(out)
+    k = max(1, len(losses) // 10)
+    typer.echo(
+        f"masked Poisson NLL {np.mean(losses[:k]):.4f} -> {np.mean(losses[-k:]):.4f}; "
+        f"written to {out}"
+    )
+
+
 @app.command()
 def evaluate(
     model: Annotated[Path, typer.Option(help="Model folder")] = DEFAULT_MODEL,

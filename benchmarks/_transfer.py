@@ -11,6 +11,10 @@ Methods:
   subject is known); ``ui_cold_S``: the same with every unit starting at the mean;
 - ``adapt_S``: ``calibrate.adapt`` (unit identification, then a second stage where the
   calibration block's held-out slice says it helps);
+- ``ui_auto_S``: unit identification from the start (warm or cold) that scores better on
+  the block's last 20% (``adapt`` without its second stage);
+- ``free_S``: label-free calibration on the spikes of the same S s (``fit_units_unsupervised``,
+  warm-started on a known subject's new day; no behaviour read), for a model with an MtM head;
 - ``gru_S``, ``wiener_S``, ``gru_full``, ``wiener_full``: the baselines on the same span.
 """
 
@@ -31,7 +35,7 @@ from bci_decoder.data.session import Session, time_split
 from bci_decoder.train.checkpoint import Decoder
 
 CACHE = Path(__file__).resolve().parents[1] / "out" / "transfer_cache"
-_METHOD = re.compile(r"^(zero_shot|ui|ui_cold|adapt|gru|wiener)(?:_(\d+|full))?$")
+_METHOD = re.compile(r"^(zero_shot|ui|ui_cold|ui_auto|adapt|free|gru|wiener)(?:_(\d+|full))?$")
 
 
 def model_hash(folder: Path) -> str:
@@ -70,6 +74,12 @@ class Study:
         self.baseline_cache = cache / baselines_hash()
         for c in (self.cache, self.baseline_cache):
             c.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def bin_width(self) -> float:
+        """The masked objective's bin (s) the model was trained with (label-free fits use it)."""
+        mtm = self.decoder.info.get("train_config", {}).get("mtm", {})
+        return float(mtm.get("bin_width", 0.05))
 
     def held_out(self) -> list[str]:
         return list(self.decoder.info.get("train_config", {}).get("data", {}).get("exclude", []))
@@ -115,10 +125,24 @@ class Study:
                 "seconds": span[1] - span[0],
                 "warm": cal.info.get("warm_start"),
             }
-        if kind == "adapt":
-            from bci_decoder.calibrate import adapt
+        if kind in ("adapt", "ui_auto"):
+            from bci_decoder.calibrate import SecondStage, adapt
 
-            cal, report = adapt(dec, session, output, span, CalibrationSettings())
+            stage = SecondStage(steps=0) if kind == "ui_auto" else SecondStage()
+            cal, report = adapt(dec, session, output, span, CalibrationSettings(), stage)
             return {"r2": score_span(cal, session, output, split.test), **report}
+        if kind == "free":
+            from bci_decoder.calibrate_unsupervised import (
+                UnsupervisedSettings,
+                fit_units_unsupervised,
+            )
+
+            st = UnsupervisedSettings(output=output, bin_width=self.bin_width)
+            cal = fit_units_unsupervised(dec, session, span, st)
+            return {
+                "r2": score_span(cal, session, output, split.test),
+                "seconds": span[1] - span[0],
+                "warm": cal.info.get("warm_start"),
+            }
         res = evaluate_baselines(session, output, span, split.test, (kind,))
         return {"r2": res[kind]["r2"], "seconds": span[1] - span[0]}

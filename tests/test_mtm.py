@@ -439,3 +439,32 @@ def test_label_free_calibration_of_a_new_day_starts_from_the_earlier_day(two_reg
     assert "warm_start" not in cold.info
     assert not np.allclose(cold.norms["day2"]["hand_vel"].mean, n1.mean)
     assert not torch.allclose(cold.model.unit_emb.weight[rows], dec.model.unit_emb.weight[1:])
+
+
+def test_cli_mtm_head_gives_a_supervised_model_a_masked_readout(tmp_path):
+    """`bci-decoder mtm-head`: a supervised model's folder in, the same weights plus a
+    trained MtM head out, which label-free calibration then accepts."""
+    from typer.testing import CliRunner
+
+    from bci_decoder.cli import app
+
+    cfg = dict(TINY, mtm={"enabled": False}, out=str(tmp_path / "sup"))
+    cfg_path = tmp_path / "sup.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    train(load_train_config(cfg_path), progress=False)
+    res = CliRunner().invoke(
+        app,
+        ["mtm-head", "--model", str(tmp_path / "sup"), "--config", str(cfg_path),
+         "--out", str(tmp_path / "head"), "--steps", "3", "--bin-width", "0.02"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    sup, head = Decoder.load(tmp_path / "sup"), Decoder.load(tmp_path / "head")
+    assert sup.model.mtm is None and head.model.mtm is not None
+    state = head.model.state_dict()
+    for k, v in sup.model.state_dict().items():
+        assert torch.equal(state[k], v), k
+    assert "masked Poisson NLL" in res.output
+    assert head.info["train_config"]["mtm"]["head_only_steps"] == 3
+    new = simulate_session(SimConfig(seed=9, num_sessions=1, duration_s=12, num_units=8), 0)
+    new = dataclasses.replace(new, session_id="new_head", behavior={})
+    fit_units_unsupervised(head, new, (0.0, 12.0), UnsupervisedSettings(steps=2, batch_size=2))
