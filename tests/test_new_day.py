@@ -31,10 +31,12 @@ def models_dir(tmp_path_factory):
     on record it themselves: info.session_meta)."""
     d = tmp_path_factory.mktemp("models")
     shutil.copytree(ROOT / "models" / "poyo-mp-small", d / "poyo-mp-small")
-    meta_path = d / "poyo-mp-small" / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta["info"]["session_meta"] = {JANGO: {"subject": "Jango", "recorded_at": "2016-06-26"}}
-    meta_path.write_text(json.dumps(meta))
+    # meta.json for the torch side, package.json for the daemon (which reads only that)
+    for name in ("meta.json", "package.json"):
+        path = d / "poyo-mp-small" / name
+        meta = json.loads(path.read_text())
+        meta["info"]["session_meta"] = {JANGO: {"subject": "Jango", "recorded_at": "2016-06-26"}}
+        path.write_text(json.dumps(meta))
     return d
 
 
