@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from bci_decoder.data.simulate import SimConfig, simulate_session
+from bci_decoder.runtime.decode_loop import lsl_clock
 from bci_decoder.runtime.processes import free_port, wait_http
 from bci_decoder.runtime.recorder import open_recording, summary
 from bci_decoder.runtime.replay import Replayer
@@ -77,6 +78,21 @@ def test_recording_holds_everything_received_and_sent(session, state_dir, tmp_pa
         assert len(nwb.acquisition["decoded"].timestamps) == steps
 
 
+def _next_flush(path, timeout: float = 5.0) -> float:
+    """The LSL clock when the recorder's next flush is seen in the file."""
+
+    def outputs() -> int:
+        with open_recording(path) as f:
+            return f["outputs/time"].shape[0]
+
+    n0, end = outputs(), time.monotonic() + timeout
+    while time.monotonic() < end:
+        if outputs() != n0:
+            return lsl_clock()
+        time.sleep(0.005)
+    raise AssertionError(f"no flush within {timeout} s")
+
+
 def test_recording_survives_sigkill(session, state_dir, tmp_path):
     port = free_port()
     path = tmp_path / "killed.h5"
@@ -103,6 +119,12 @@ def test_recording_survives_sigkill(session, state_dir, tmp_path):
         time.sleep(3.0)
         st = httpx.get(url + "/status").json()  # everything up to here is flushed 1 s later
         time.sleep(1.2)
+        # the worst moment: just before the next flush lands. Watch the file (SWMR) for
+        # one to land, then kill 0.99 s later, when a writer that flushes once a second
+        # (plus the flush's own time) has not written for about a second
+        landed = _next_flush(path)
+        time.sleep(max(0.0, landed + 0.99 - lsl_clock()))
+        killed_at = lsl_clock()  # the daemon's LSL clock too (same host)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         rep.stop()
@@ -111,8 +133,13 @@ def test_recording_survives_sigkill(session, state_dir, tmp_path):
             proc.kill()
         log.close()
     info = summary(path)
+    lost_s = {k: killed_at - info[k]["last"] for k in ("spikes", "outputs")}
     print(f"after SIGKILL: {info['spikes']['count']} spikes, {info['outputs']['count']} outputs "
-          f"in the file; /status 1.2 s before the kill: {st['stream']['kept']}, {st['steps']}")  # fmt: skip
+          f"in the file; /status 1.2 s before the kill: {st['stream']['kept']}, {st['steps']}; "
+          f"the file ends {lost_s['spikes']:.3f} s (spikes), {lost_s['outputs']:.3f} s "
+          f"(outputs) before the kill")  # fmt: skip
+    # at most the last second is lost (the replay sends spikes every few ms, steps every 10)
+    assert max(lost_s.values()) < 1.0, lost_s
     assert info["spikes"]["count"] >= st["stream"]["kept"] > 1000
     assert info["outputs"]["count"] >= st["steps"] > 200
     with open_recording(path) as f:
