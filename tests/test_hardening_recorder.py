@@ -50,6 +50,8 @@ def test_recording_holds_everything_received_and_sent(session, state_dir, tmp_pa
         srv.post("/decoder/stop")  # what /status said last, frozen
         kept, steps, samples = inlet.stats.kept, loop.stats.steps, binlet.stats.kept
     info = summary(path)  # the server closed: the recorder flushed and closed the file
+    # 6 s of 156 units and 100 Hz: about 0.5 MB of data (its chunks were once 133 MB)
+    assert path.stat().st_size < 4 * 2**20, path.stat().st_size
     assert info["spikes"]["count"] == kept == len(rep.log.spike_time)
     assert info["outputs"]["count"] == steps > 300
     assert info["behavior"]["count"] == samples > 100
