@@ -158,6 +158,7 @@ def recording_figure(recording: str | Path, path: str | Path, seconds: float = 2
     )
 
     ax = fig.add_subplot(grid[0, :])  # decoded vs behaviour, last `seconds`
+    seconds = min(seconds, t1 - t0)
     lo = t1 - seconds
     kb, ko = bt >= lo, ot >= lo
     if kb.any():
@@ -167,7 +168,7 @@ def recording_figure(recording: str | Path, path: str | Path, seconds: float = 2
         if (safe & ko).any():
             ax.plot(ot[safe & ko] - t1, ov[safe & ko], "x", color="k", ms=4,
                     label="safe value sent")  # fmt: skip
-    ax.set_xlabel(f"seconds before the end of the recording (last {seconds:g} s)")
+    ax.set_xlabel(f"seconds before the end of the recording (last {seconds:.0f} s)")
     ax.set_ylabel("first channel (stream units)")
     ax.set_title("decoded against the behaviour stream", fontsize=10)
     if kb.any() or ko.any():
@@ -177,9 +178,10 @@ def recording_figure(recording: str | Path, path: str | Path, seconds: float = 2
 
     ax = fig.add_subplot(grid[1, 0])  # spikes per second, with events
     if len(st):
-        edges = np.arange(t0, t1 + 1.0, 1.0)
-        counts, _ = np.histogram(st, edges) if len(edges) > 1 else (np.array([len(st)]), None)
-        ax.step(edges[: len(counts)] - t0, counts, where="post", color="0.2", lw=1.0)
+        edges = np.arange(t0, t1 + 1e-9, 1.0)  # whole seconds only: no partial last bin
+        if len(edges) > 1:
+            counts, _ = np.histogram(st, edges)
+            ax.stairs(counts, edges - t0, baseline=None, color="0.2", lw=1.0)
     marks = {"model": ("tab:purple", "model swap"), "state": ("tab:orange", "state change")}
     shown = set()
     for t, kind in events:

@@ -8,7 +8,7 @@ here, but this machine has 2 cores, so it would compete on a rig that shared the
 Reported per arm: missed deadlines and output latency p50/p99 per run, and their medians;
 the spread between runs of the same arm is the noise the difference is judged against.
 
-    .venv/bin/python benchmarks/page_cost.py --seconds 30 --repeats 2 --json benchmarks/results/page_cost.json
+    .venv/bin/python benchmarks/page_cost.py --seconds 30 --repeats 4 --json benchmarks/results/page_cost.json
 """
 
 from __future__ import annotations
@@ -174,6 +174,42 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(res: dict, png: Path) -> Path:
+    """Per run, each arm side by side: missed deadlines, output p99 and uvicorn's thread
+    CPU (the watching cost), the median of each arm as a bar behind its runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(res["arms"])
+    panels = [("missed", "missed deadlines per run", False),
+              ("output_p99_ms", "output latency p99 (ms)", True),
+              ("main_thread_cpu_ms_per_s", "uvicorn thread CPU (ms per s)", False)]  # fmt: skip
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
+    for ax, (key, label, log) in zip(axes, panels, strict=True):
+        for i, arm in enumerate(arms):
+            vals = [v for v in res["arms"][arm][key] if v is not None]
+            colour = "tab:gray" if int(arm) == 0 else "tab:red"
+            if vals:
+                ax.bar(i, float(np.median(vals)), 0.6, color=colour, alpha=0.3)
+                ax.plot(np.full(len(vals), i) + np.linspace(-0.15, 0.15, len(vals)), vals, "o",
+                        color=colour)  # fmt: skip
+        ax.set_xticks(range(len(arms)), [f"{a} pages" for a in arms])
+        ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
+    load = res["info"]["load_average"][0], res["info"]["load_average_end"][0]
+    n = res["arms"][arms[0]]["runs"]
+    fig.suptitle(f"Cost of watching: {n} interleaved runs per arm, 200 units at 100 Hz "
+                 f"(load {load[0]:.0f}-{load[1]:.0f} on {res['info']['cpus']} cores); "
+                 "dots: runs, bars: medians", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--pages", type=int, default=5)
@@ -204,7 +240,7 @@ def main() -> None:
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(res, indent=1))
-        print(f"wrote {a.json}")
+        print(f"wrote {a.json} and {plot(res, a.json.with_suffix('.png'))}")
 
 
 if __name__ == "__main__":

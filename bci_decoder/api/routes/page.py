@@ -237,6 +237,7 @@ class LiveFeed:
             self._latency(loop, now)
         msg["discards"] = {
             "nan_time": inlet.stats.nan_time if inlet else 0,
+            "future_time": inlet.stats.future if inlet else 0,
             "out_of_order": inlet.stats.out_of_order if inlet else 0,
             "bad_unit": inlet.stats.bad_unit if inlet else 0,
             "lsl_gaps": inlet.stats.seq_gaps if inlet else 0,
