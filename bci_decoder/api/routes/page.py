@@ -20,6 +20,8 @@ per page, send) about 75 us per page per message. So:
 - spike times and units travel as base64 int32 arrays (one C call each, no float repr);
 - what changes slowly (model, config, histogram, engine counters, stream sources) is
   sent every ``SLOW_EVERY``-th message, and at once to a page that just connected.
+- ticks are phase-locked to the loop's deadlines: each starts 2.5 ms after one (at 100
+  Hz), when the step is done, so the feed's GIL holds sit in the loop's idle time.
 
 A slow page drops its oldest messages (it keeps the newest ``QUEUE``); it never holds the
 producer or the other pages up.
@@ -51,6 +53,9 @@ RATE_HZ = 12.5  # snapshots per second (the page redraws on each)
 QUEUE = 8  # messages a page may fall behind before old ones are dropped
 MAX_SPIKES = 2000  # spikes per snapshot (more in one tick: a uniform subset is sent)
 MAX_BEHAVIOR = 200  # behaviour samples per snapshot
+# ticks fall this far into one of the loop's hops (a quarter, at most 2.5 ms): after its
+# step (p50 about 1 ms at 100 Hz), well before its next deadline
+AFTER_DEADLINE, AFTER_DEADLINE_MAX_S = 0.25, 0.0025
 SPIKE_TICK_S = 1e-4  # spike times are sent as int32 multiples of 0.1 ms before `t`
 # output-latency histogram: log bins 0.05-500 ms (6% wide, so percentiles read from it are
 # within 3%), one count vector per second over the last HIST_SECONDS
@@ -173,9 +178,17 @@ class LiveFeed:
         self.encode_s += time.perf_counter() - t0
         return body
 
+    def _next_tick(self, now: float) -> float:
+        """The next tick on the LSL clock: a whole number of the loop's hops, just after
+        one of its deadlines (``k * hop``), so the feed's GIL holds fall in the loop's
+        idle time and a preemption of this thread has most of a hop to end before the
+        loop needs the GIL again."""
+        hop = 1.0 / self.daemon.cfg.cadence_hz
+        period = hop * max(1, round(self.period / hop))
+        after = min(AFTER_DEADLINE * hop, AFTER_DEADLINE_MAX_S)
+        return (np.floor((now - after) / period) + 1) * period + after
+
     async def _produce(self) -> None:
-        clock = asyncio.get_running_loop().time
-        due = clock()
         while self.pages:
             try:
                 body = self.encode(self.snapshot())
@@ -187,11 +200,8 @@ class LiveFeed:
             self.bytes_out += len(frame)
             for page in self.pages:
                 page.post(frame)
-            due += self.period
-            wait = due - clock()
-            if wait < 0:  # fell behind (a busy machine): keep the grid, skip what passed
-                due, wait = clock(), 0.0
-            await asyncio.sleep(wait)
+            now = lsl_clock()
+            await asyncio.sleep(max(0.0, self._next_tick(now) - now))
         self.task = None
 
     def costs(self) -> dict:
