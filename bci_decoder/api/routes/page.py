@@ -23,6 +23,12 @@ per page, send) about 75 us per page per message. So:
 - ticks are phase-locked to the loop's deadlines: each starts 2.5 ms after one (at 100
   Hz), when the step is done, so the feed's GIL holds sit in the loop's idle time.
 
+After these (``benchmarks/results/page_cost.txt``, load 6-14): 2 ms/s with no page, 9-11
+with 5; per message a snapshot 0.26 ms, encoding 0.08 ms (3.9 KB), and 0.14 ms per page to
+send, which is now most of it: uvicorn speaks HTTP through h11 (pure Python) since
+httptools is not installed, and each send is a socket write. Every batch still showed a
+missed deadline or a few more with 5 pages (within the runs' spread, not significant).
+
 A slow page drops its oldest messages (it keeps the newest ``QUEUE``); it never holds the
 producer or the other pages up.
 """
