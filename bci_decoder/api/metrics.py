@@ -4,7 +4,13 @@ from __future__ import annotations
 
 
 def _line(name: str, value: float | int | None, help_: str, kind: str = "gauge") -> str:
-    v = "NaN" if value is None else f"{float(value):.6g}"
+    # counts exactly: ".6g" wrote 1,005,518 late spikes as 1.00552e+06
+    if value is None:
+        v = "NaN"
+    elif isinstance(value, int):
+        v = str(value)
+    else:
+        v = f"{float(value):.6g}"
     return f"# HELP bci_{name} {help_}\n# TYPE bci_{name} {kind}\nbci_{name} {v}\n"
 
 

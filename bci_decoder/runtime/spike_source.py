@@ -47,6 +47,7 @@ def run(
     wait_s: float = 30.0,
     start_delay_s: float = 0.0,
     linger_s: float = 1.0,
+    go_file: str | None = None,
     seed: int = 0,
     stop: threading.Event | None = None,
 ) -> dict:
@@ -60,6 +61,9 @@ def run(
     stop = stop or threading.Event()
     if wait_s > 0 and not outlet.wait_for_consumers(wait_s):
         return {"error": f"no receiver within {wait_s} s", "sent": 0}
+    while go_file and not Path(go_file).exists():  # the receiver says when to begin
+        if stop.wait(0.01):
+            break
     if stop.wait(start_delay_s):
         return {"sent": 0, "sent_burst": 0, "late_chunks": 0, "started": lsl_clock()}
     rng = np.random.default_rng(seed)
@@ -119,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait-s", type=float, default=30.0, help="wait this long for a receiver")
     p.add_argument("--start-delay-s", type=float, default=0.0, help="then this long")
     p.add_argument("--linger-s", type=float, default=1.0, help="outlet kept after the end")
+    p.add_argument("--go-file", help="after a receiver connects, wait for this file to exist")
     a = p.parse_args(argv)
     labels = [x for x in a.labels.read_text().splitlines() if x]
     stop = threading.Event()
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         a.source_id, labels, session=a.session, units=a.units, rate_hz=a.rate_hz,
         seconds=a.seconds, chunk_ms=a.chunk_ms, burst=a.burst, burst_at=a.burst_at,
         burst_s=a.burst_s, wait_s=a.wait_s, start_delay_s=a.start_delay_s,
-        linger_s=a.linger_s, stop=stop,
+        linger_s=a.linger_s, go_file=a.go_file, stop=stop,
     )  # fmt: skip
     print(json.dumps(res), flush=True)
     return 2 if "error" in res else 0
