@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import numbers
+
 
 def _line(name: str, value: float | int | None, help_: str, kind: str = "gauge") -> str:
     # counts exactly: ".6g" wrote 1,005,518 late spikes as 1.00552e+06
     if value is None:
         v = "NaN"
-    elif isinstance(value, int):
-        v = str(value)
+    elif isinstance(value, numbers.Integral):  # numpy integers too
+        v = str(int(value))
     else:
         v = f"{float(value):.6g}"
     return f"# HELP bci_{name} {help_}\n# TYPE bci_{name} {kind}\nbci_{name} {v}\n"
