@@ -108,6 +108,13 @@ def mtm_head(
         typer.Option(help="s per count bin: the source bin of binned data, 0.02 for spike times"),
     ] = 0.05,
     threads: Annotated[int, typer.Option(help="torch threads (0: torch's default)")] = 1,
+    latents: Annotated[
+        str | None,
+        typer.Option(
+            help="Latents the head reads: causal or window (default: causal unless the model "
+            "was trained in window mode too; it must read latents the model learned)"
+        ),
+    ] = None,
 ) -> None:
     """Give a supervised model a masked readout (MtM head) so it can calibrate without labels.
 
@@ -116,6 +123,8 @@ def mtm_head(
     `bci-decoder calibrate --labels none` and POST /calibrations with
     `"mode": "unsupervised"` work with the new folder.
     """
+    import hashlib
+
     import numpy as np
     import torch
 
@@ -134,8 +143,16 @@ def mtm_head(
     if not known:
         _fail(f"none of the sessions {config} selects is in {model}: another model's config?")
     settings = MtMSettings(enabled=True, bin_width=bin_width, batch_size=8)
-    typer.echo(f"fitting an MtM head on {len(known)} sessions, {steps} steps")
-    head, losses = train_mtm_head(dec, known, settings, steps, progress=True)
+    if latents is None:
+        latents = "window" if "window" in dec.modes else "causal"
+    if latents not in ("causal", "window"):
+        _fail(f"--latents must be causal or window, not {latents!r}")
+    typer.echo(f"fitting an MtM head ({latents} latents) on {len(known)} sessions, {steps} steps")
+    head, losses = train_mtm_head(dec, known, settings, steps, progress=True, latents=latents)
+    # the supervised weights are the base model's, bit for bit: what is scored with them
+    # (e.g. the transfer studies' cache) may be shared with the base model
+    weights = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
+    head.info = dict(head.info) | {"mtm_head_of": {"model": str(model), "sha256": weights}}
     head.save(out)
     k = max(1, len(losses) // 10)
     typer.echo(

@@ -70,9 +70,14 @@ class Study:
         torch.set_num_threads(1)  # as the REST calibration job: one thread
         self.model_dir = model
         self.decoder = Decoder.load(model) if model is not None else None
-        self.cache = cache / (model_hash(model) if model is not None else "no-model")
+        key = model_hash(model) if model is not None else "no-model"
+        # a model given an MtM head afterwards (bci-decoder mtm-head) has its base model's
+        # supervised weights bit for bit: it shares the base's scores, except label-free ones
+        base = (self.decoder.info.get("mtm_head_of") or {}).get("sha256") if model else None
+        self.cache = cache / (base[:12] if base else key)
+        self.free_cache = cache / key
         self.baseline_cache = cache / baselines_hash()
-        for c in (self.cache, self.baseline_cache):
+        for c in (self.cache, self.free_cache, self.baseline_cache):
             c.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -87,10 +92,12 @@ class Study:
     def score(self, session: Session, method: str) -> dict:
         """``{"r2": ..., "wall_s": ..., ...}`` of one method, from the cache if there."""
         folder = self.baseline_cache if method.startswith(("gru", "wiener")) else self.cache
+        if method.startswith("free"):
+            folder = self.free_cache
         path = folder / f"{session.session_id}.json"
         done = json.loads(path.read_text()) if path.exists() else {}
         if method not in done:
-            if folder is self.cache and session.session_id in self.decoder.sessions:
+            if folder is not self.baseline_cache and session.session_id in self.decoder.sessions:
                 raise SystemExit(f"{session.session_id} was pretrained on: not held out")
             t0, c0 = time.perf_counter(), time.process_time()
             entry = self._run(session, method)

@@ -4,7 +4,10 @@ The leave-out model (configs/poyo-mp-transfer.yaml) saw monkey Spike's July-Augu
 each later day (September-October) is decoded zero-shot from the warm-started tables
 (each channel's embedding from the most recent pretraining day, no fitting, no labels),
 after warm-started unit identification on its first 10, 30 and 60 s, and after cold-start
-unit identification on 60 s (every unit at the mean, as for an unknown animal), next to a
+unit identification on 60 s (every unit at the mean, as for an unknown animal), after
+unit identification from whichever start scores better on the block's last 20%
+(``ui_auto``), label-free on the same 60 s of spikes (``free_60``, a model with an MtM
+head), next to a
 Wiener filter and a causal GRU on the same 60 s and on the full first 70%, against the
 days since the last pretraining day. Every score is on the day's last 30%.
 
@@ -31,7 +34,9 @@ METHODS = {
     "ui_30": "warm UI 30 s",
     "ui_60": "warm UI 60 s",
     "adapt_60": "warm UI + 2nd stage 60 s",
+    "ui_auto_60": "UI 60 s, warm or cold by slice",
     "ui_cold_60": "cold UI 60 s",
+    "free_60": "label-free warm 60 s (no labels)",
     "gru_60": "GRU 60 s",
     "wiener_60": "Wiener 60 s",
     "gru_full": "GRU full 70%",
@@ -55,7 +60,13 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="default: the model's held-out days of --subject",
     )
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=[m for m in METHODS if m != "free_60"],
+        choices=list(METHODS),
+        help="free_60 needs a model with an MtM head (bci-decoder mtm-head)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -122,7 +133,9 @@ def plot(result: dict, png: Path) -> None:
         "ui_30": ("tab:blue", "s", "--"),
         "ui_60": ("tab:blue", "o", "-"),
         "adapt_60": ("tab:purple", "D", "-"),
+        "ui_auto_60": ("tab:navy", "P", "-"),
         "ui_cold_60": ("tab:cyan", "v", "-"),
+        "free_60": ("tab:olive", "X", "-."),
         "gru_60": ("tab:red", "o", "-"),
         "wiener_60": ("tab:orange", "o", "-"),
         "gru_full": ("tab:red", "^", "--"),

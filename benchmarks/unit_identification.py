@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--seconds", type=int, nargs="+", default=[30, 60, 120])
     ap.add_argument("--adapt", action="store_true", help="also score calibrate.adapt at each S")
+    ap.add_argument(
+        "--label-free",
+        action="store_true",
+        help="also score label-free calibration on the same S s of spikes (needs an MtM head)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -75,8 +80,11 @@ def main(argv: list[str] | None = None) -> dict:
                     "adapt_second_stage": ad.get("second_stage"),
                     "adapt_wall_s": ad["wall_s"],
                 }
+            if args.label_free:
+                free = study.score(session, f"free_{s}")
+                row |= {"free_r2": free["r2"], "free_wall_s": free["wall_s"]}
             rows.append(row)
-    cols = ["r2"] + (["adapt_r2"] if args.adapt else [])
+    cols = ["r2"] + (["adapt_r2"] if args.adapt else []) + (["free_r2"] if args.label_free else [])
     cols += ["gru_same_seconds", "wiener_same_seconds", "gru_full", "wiener_full", "wall_s"]
     lines = [f"{'session':<22}{'s':>5}" + "".join(f"{c:>20}" for c in cols)]
     for r in rows:
@@ -95,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
             "sessions": len(sel),
             "mean_minus_gru_full": float(np.mean(best) - means["gru_full"]),
         }
+        if "free_r2" in means:  # label-free as a share of supervised unit identification
+            summary[s]["free_over_supervised"] = means["free_r2"] / means["r2"]
         lines.append(
             f"mean @ {s}s: "
             + "  ".join(f"{c}={means[c]:.3f}" for c in cols)
@@ -127,6 +137,8 @@ def plot(result: dict, png: Path, seconds: list[int]) -> None:
     ]
     if "adapt_r2" in rows[0]:
         cols.insert(1, ("adapt_r2", f"ours + 2nd stage, {s} s", "tab:purple"))
+    if "free_r2" in rows[0]:
+        cols.insert(1, ("free_r2", f"ours, label-free on {s} s of spikes", "tab:olive"))
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(sessions)), 5))
     width = 0.8 / len(cols)
     x = np.arange(len(sessions))

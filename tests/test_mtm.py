@@ -468,3 +468,37 @@ def test_cli_mtm_head_gives_a_supervised_model_a_masked_readout(tmp_path):
     new = simulate_session(SimConfig(seed=9, num_sessions=1, duration_s=12, num_units=8), 0)
     new = dataclasses.replace(new, session_id="new_head", behavior={})
     fit_units_unsupervised(head, new, (0.0, 12.0), UnsupervisedSettings(steps=2, batch_size=2))
+
+
+def test_causal_mtm_latents_are_the_causal_decoders_latents():
+    """``mtm_latents: causal``: the masked readout reads the latents the causal decoder
+    reads (each group its own spikes, self-attention only backwards), equal to
+    forward_causal's finished groups over the same window; window latents differ."""
+    from bci_decoder.decode import CAUSAL_KEYS
+    from bci_decoder.tokenizer import collate_causal, grid_index, tokenize_causal
+
+    torch.manual_seed(0)
+    cfg = SMALL.model_copy(update={"depth": 2})
+    model = POYO(cfg, num_units=21, num_sessions=1, outputs={"hand_vel": 2})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    rng = np.random.default_rng(1)
+    t = np.sort(rng.uniform(0, 3, 500))
+    u = rng.integers(1, 21, 500)
+    step, K, n = cfg.latent_step, cfg.context_groups, cfg.latents_per_group
+    last = int(grid_index(2.5, step))
+    t_end = last * step
+    win = collate_window([tokenize_window(t, u, t_end, cfg.context, step)])
+    b = to_torch(win, WINDOW_KEYS)
+    args = (b["spike_unit"], b["spike_time"], b["spike_mask"], b["latent_time"])
+    with torch.no_grad():
+        x_causal, _ = model.window_latents(*args, causal=True)
+        x_window, _ = model.window_latents(*args)
+        s = tokenize_causal(t, u, last - K + 1, K, step, np.array([t_end]))
+        cb = to_torch(collate_causal([s]), CAUSAL_KEYS)
+        _, cache = model.forward_causal(**cb, return_cache=True)
+    finished = cache.states[-1]  # (1, (K-1)·n, D): the last K-1 groups
+    torch.testing.assert_close(x_causal[:, n:], finished, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(x_window[:, n:], finished, atol=1e-3)

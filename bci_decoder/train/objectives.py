@@ -76,14 +76,17 @@ class MtMObjective:
         )
 
 
-def attach_mtm_head(decoder: Decoder) -> Decoder:
-    """A copy of ``decoder`` with a fresh MtM head; every pretrained weight kept as is."""
+def attach_mtm_head(decoder: Decoder, latents: str | None = None) -> Decoder:
+    """A copy of ``decoder`` with a fresh MtM head; every pretrained weight kept as is.
+    ``latents``: which latents the head reads (``POYOConfig.mtm_latents``); None: the
+    model's setting."""
     from bci_decoder.model.poyo import POYO
 
     if decoder.model.mtm is not None:
         return decoder.clone()
     old = decoder.model
-    cfg = old.config.model_copy(update={"mtm_head": True})
+    update: dict = {"mtm_head": True} | ({"mtm_latents": latents} if latents else {})
+    cfg = old.config.model_copy(update=update)
     model = POYO(
         cfg,
         num_units=old.unit_emb.num_embeddings,
@@ -113,13 +116,14 @@ def train_mtm_head(
     lr: float = 2e-3,
     seed: int = 0,
     progress: bool = False,
+    latents: str | None = None,
 ) -> tuple[Decoder, list[float]]:
     """Fit only the MtM head of ``decoder`` (every other weight frozen) on the training
     parts of ``sessions`` (known to the model): a supervised model learns to reconstruct
     spiking without its behaviour readout moving. Returns the decoder and the losses."""
     from tqdm import tqdm
 
-    dec = attach_mtm_head(decoder)
+    dec = attach_mtm_head(decoder, latents)
     model = dec.model
     window = settings.window or dec.config.context
     sources = [
