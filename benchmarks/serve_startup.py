@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
     ready = np.array([r["ready_s"] for r in rows])
     objs = np.array([r["gc_tracked_objects"] for r in rows])
     print(f"{'':28s}{'median':>10s}{'min':>10s}{'max':>10s}")
-    print(f"{'start to ready (s)':28s}{np.median(ready):10.3f}{ready.min():10.3f}{ready.max():10.3f}")
+    print(
+        f"{'start to ready (s)':28s}{np.median(ready):10.3f}{ready.min():10.3f}{ready.max():10.3f}"
+    )
     print(f"{'GC-tracked objects':28s}{np.median(objs):10.0f}{objs.min():10.0f}{objs.max():10.0f}")
     print(f"imports alone: {imports['seconds']:.3f} s, {imports['gc_tracked_objects']} objects, "
           f"torch/scipy loaded: {imports['heavy'].strip()}")  # fmt: skip

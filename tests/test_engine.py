@@ -254,7 +254,10 @@ def test_numpy_tables_equal_the_torch_projections(setup):
     with torch.no_grad():
         rows = torch.from_numpy(dec.units.session_units(sid, list(tab.unit_names)))
         k, v = m.enc_attn.keys_values(m.unit_emb.weight[rows])
-        q = m.session_emb.weight[dec.sessions[sid]] + m.output_emb.weight[dec.output_index("hand_vel")]
+        q = (
+            m.session_emb.weight[dec.sessions[sid]]
+            + m.output_emb.weight[dec.output_index("hand_vel")]
+        )
         dq = decoder_query(m, q)
     np.testing.assert_allclose(tab.k, k.numpy(), atol=2e-6)
     np.testing.assert_allclose(tab.v, v.numpy(), atol=2e-6)

@@ -272,8 +272,7 @@ class ModelPackage:
         hint = layout.export_hint(graphs_dir or folder)
         if not path.exists() or not tables.exists():
             raise PackageError(
-                f"{folder} has no model package ({layout.PACKAGE} and {layout.TABLES}): "
-                f"run {hint}"
+                f"{folder} has no model package ({layout.PACKAGE} and {layout.TABLES}): run {hint}"
             )
         try:
             spec = json.loads(path.read_text())

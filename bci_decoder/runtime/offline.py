@@ -205,4 +205,3 @@ class OfflineDecoding:
                 {},
             )
         return self._batch
-

@@ -76,9 +76,10 @@ class UnitTables:
         emb = table[rows]  # (U, D)
         k, v = pkg.keys_values(emb)
         k0, v0 = pkg.keys_values(table[:1])  # (1, Hc, Dh) <null>
-        q = pkg.arrays["session_emb"][pkg.sessions[session_id]] + pkg.arrays["output_emb"][
-            pkg.output_index(output)
-        ]
+        q = (
+            pkg.arrays["session_emb"][pkg.sessions[session_id]]
+            + pkg.arrays["output_emb"][pkg.output_index(output)]
+        )
         return cls(
             session_id=session_id,
             output=output,
