@@ -132,6 +132,8 @@ def test_bad_calibration_requests(new_session, models_dir, state_dir, tmp_path):
             ({"source": "buffer", "seconds": -3}, 422, "seconds"),
             ({"source": "buffer", "seconds": 10, "name": "../x"}, 422, "name"),
             ({"source": "upload", "nwb_base64": "not base64!"}, 422, "base64"),
+            ({"source": "buffer", "seconds": 10, "mode": "unsupervised"}, 422, "MtM head"),
+            ({"source": "buffer", "seconds": 10, "mode": "guess"}, 422, "mode"),
         ]
         good_arrays = {
             "unit_ids": ["a", "b"], "spike_times": [0.1, 0.2, 0.3], "spike_units": [0, 1, 0],
@@ -226,3 +228,84 @@ def test_upload_matches_offline_fit(new_session, models_dir, state_dir, tmp_path
     print(f"R² on 60-90 s: REST {r_rest:.4f}, offline {r_off:.4f}")
     assert abs(r_rest - r_off) <= 0.01
     assert r_rest > 0.3  # it learned the new units (uncalibrated: about 0)
+
+
+@pytest.fixture(scope="module")
+def mtm_models_dir(tmp_path_factory):
+    """The shipped model given a masked readout (head only, on its own simulated pretraining
+    sessions) and exported: a model that can calibrate without labels."""
+    import torch
+
+    from bci_decoder.config import MtMSettings
+    from bci_decoder.data.simulate import simulate_sessions
+    from bci_decoder.export.onnx_export import export_model
+    from bci_decoder.model.decoder import Decoder
+    from bci_decoder.train.objectives import train_mtm_head
+
+    d = tmp_path_factory.mktemp("mtm-models")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dec = Decoder.load(ROOT / "models" / "poyo-mp-small")
+        sims = [s for s in simulate_sessions(SimConfig(seed=7, num_sessions=3, duration_s=300))
+                if s.session_id in dec.sessions]  # fmt: skip
+        assert sims, "the shipped model no longer knows sim7_s0-2"
+        settings = MtMSettings(enabled=True, bin_width=0.02, batch_size=4)
+        head, _ = train_mtm_head(dec, sims, settings, steps=40)
+        head.save(d / "poyo-mp-small-mtm")
+        export_model(d / "poyo-mp-small-mtm")
+    finally:
+        torch.set_num_threads(threads)
+    return d
+
+
+def test_label_free_calibration_from_the_buffer(new_session, mtm_models_dir, state_dir):
+    """mode "unsupervised": an unseen session calibrated from the buffer's spikes alone, no
+    behaviour stream open; applied between two steps; decoding goes on, finite, with no
+    gap at the swap; bad label-free requests get a 4xx and change nothing."""
+    cfg = serve_config(state_dir, mtm_models_dir, model="poyo-mp-small-mtm", cadence_hz=100,
+                       behavior=None)  # fmt: skip
+    with LiveServer(cfg) as srv:
+        srv.post("/decoder/start")
+        rep = Replayer(new_session, start=0.0, stop=400.0, source_id=cfg.spikes.source_id,
+                       behavior=False, wait_for_consumer_s=10)  # fmt: skip
+        rep.start()
+        srv.wait_state("running")
+        dec = StreamRecorder(StreamSettings(type="Control", source_id=cfg.control_source_id))
+        _pull_for(dec, 2.0)
+        r = srv.post("/calibrations", json={"source": "buffer", "seconds": 20,
+                                            "mode": "unsupervised"})  # fmt: skip
+        assert r.status_code == 409 and "spikes buffered" in r.json()["detail"]
+        r = srv.post("/calibrations", json={"source": "buffer", "seconds": 20, "mode": "both"})
+        assert r.status_code == 422 and "mode" in r.text
+        r = srv.post("/calibrations", json={"source": "buffer", "seconds": 20})
+        assert r.status_code == 409 and "unsupervised" in r.json()["detail"]
+        _pull_for(dec, 20.0)
+        r = srv.post("/calibrations", json={"source": "buffer", "seconds": 20, "steps": 40,
+                                            "mode": "unsupervised", "name": "cal-free"})  # fmt: skip
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["mode"] == "unsupervised" and job["units"] == new_session.num_units
+        while srv.http.get(f"/calibrations/{job['id']}").json()["state"] == "running":
+            dec.pull(0.002)
+        job = _wait_job(srv, job["id"])
+        assert job["state"] == "done", job
+        assert job["heldout_r2"] is None  # no labels: nothing to score with
+        r = srv.post(f"/calibrations/{job['id']}/apply")
+        assert r.status_code == 200, r.text
+        t_apply = lsl_clock()
+        _pull_for(dec, 5.0)
+        st = srv.status()
+        rep.stop()
+    assert st["model"]["calibration"] == "cal-free" and st["model"]["calibrated"] is True
+    assert st["state"] == "running" and st["errors"] == 0
+    stored = mtm_models_dir / "poyo-mp-small-mtm" / "calibrations" / "cal-free" / "meta.json"
+    assert json.loads(stored.read_text())["info"]["calibration"]["mode"] == "unsupervised"
+    td, yd, _ = dec.arrays()
+    assert np.all(np.isfinite(yd))
+    near = np.abs(td[:-1] - t_apply) < 1.0
+    # no gap at the swap (what the swap costs a loaded machine's deadlines is
+    # benchmarks/swap_gap.py's to measure, as for the supervised test above)
+    assert np.diff(td)[near].max() < 0.1
+    before, after = yd[(td > t_apply - 4) & (td < t_apply)], yd[(td > t_apply + 1)]
+    assert not np.allclose(before.mean(0), after.mean(0), atol=1e-3)  # the new tables decode

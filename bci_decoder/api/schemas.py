@@ -65,6 +65,10 @@ class CalibrationCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: Literal["buffer", "upload"]
+    # "supervised": unit identification on the behaviour recorded with the spikes;
+    # "unsupervised": label-free, the masked objective on the spikes alone (no behaviour
+    # stream needed; the model needs an MtM head, see `bci-decoder mtm-head`)
+    mode: Literal["supervised", "unsupervised"] = "supervised"
     seconds: float = Field(30.0, gt=2.0, le=3600.0)
     steps: int = Field(150, ge=1, le=5000)
     output: str | None = None  # behaviour to decode (default: the recorded/uploaded one)
@@ -90,6 +94,7 @@ class CalibrationPublic(BaseModel):
     source: str
     session: str
     output: str
+    mode: str = "supervised"
     units: int
     spikes: int
     seconds: float

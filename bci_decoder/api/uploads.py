@@ -153,7 +153,7 @@ def parse_upload(body_path: str, session_path: str) -> dict:
             hint = body.session or "upload"
         else:
             session = session_from_nwb(body.nwb_base64, body.seconds, body.session)
-            output = body.output or session.default_output()
+            output = body.output or (session.default_output() if session.behavior else None)
             hint = session.session_id
         with open(session_path, "wb") as f:
             pickle.dump(session, f, protocol=pickle.HIGHEST_PROTOCOL)

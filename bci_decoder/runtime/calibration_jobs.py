@@ -76,6 +76,7 @@ class JobSpec:
     session_path: str | None = None  # a pickled Session written by the upload worker
     summary: dict = field(default_factory=dict)  # uploads.summarize(session)
     parent_pid: int = 0  # the daemon: the child exits when it is gone
+    mode: str = "supervised"  # or "unsupervised": the masked objective on the spikes alone
 
 
 @dataclass
@@ -114,6 +115,7 @@ class Job:
             "source": self.source,
             "session": s["session_id"],
             "output": self.spec.output,
+            "mode": self.spec.mode,
             "units": s["units"],
             "spikes": s["spikes"],
             "seconds": round(s["domain"][1] - s["domain"][0], 3),
@@ -150,6 +152,9 @@ def _worker(spec: JobSpec, q: Any) -> None:
                 s = pickle.load(f)
             s.session_id = spec.summary.get("session_id", s.session_id)
         lo, hi = s.domain
+        if spec.mode == "unsupervised":
+            _label_free(spec, base, s, q)
+            return
         settings = CalibrationSettings(steps=spec.steps, threads=spec.threads, seed=spec.seed)
         fits = {"holdout": 0, "all": 0}  # steps done per fit
         if not (spec.holdout > 0):
@@ -212,6 +217,40 @@ def _worker(spec: JobSpec, q: Any) -> None:
         q.put(("done", str(spec.out_dir), float(np.nan if r2 is None else r2)))
     except Exception as e:  # noqa: BLE001 - reported to the parent, never raised there
         q.put(("failed", f"{type(e).__name__}: {e}"))
+
+
+def _label_free(spec: JobSpec, base: Any, s: Session, q: Any) -> None:
+    """Child process, ``mode="unsupervised"``: the new session's rows fitted by the masked
+    objective on its spikes alone (``calibrate_unsupervised``), on the whole block: with no
+    labels there is nothing to score a held-out slice with, so no R² is reported."""
+    from bci_decoder.calibrate_unsupervised import UnsupervisedSettings, fit_units_unsupervised
+    from bci_decoder.runtime.guards import check_decoder
+
+    mtm = base.info.get("train_config", {}).get("mtm", {})
+    st = UnsupervisedSettings(
+        steps=spec.steps, threads=spec.threads, seed=spec.seed, output=spec.output,
+        bin_width=float(mtm.get("bin_width", 0.02)),
+    )  # fmt: skip
+    q.put(("phase", "label-free fit on the block's spikes (masked reconstruction)"))
+
+    def progress(step: int, loss: float) -> None:
+        q.put(("progress", step / spec.steps, loss))
+
+    dec = fit_units_unsupervised(base, s, s.domain, st, progress)
+    dec.info = dict(dec.info) | {
+        "calibration": {
+            "name": spec.name, "session": s.session_id, "output": spec.output,
+            "mode": "unsupervised", "heldout_r2": None, "wiener_r2": None,
+            "seconds": s.domain[1] - s.domain[0], "steps": spec.steps,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+    }  # fmt: skip
+    check_decoder(dec, f"calibration {spec.name}")
+    out = Path(spec.out_dir)
+    tmp = layout.temporary_dir(out, os.getpid())
+    dec.save(tmp)
+    os.replace(tmp, out)
+    q.put(("done", str(spec.out_dir), float("nan")))
 
 
 class CalibrationManager:

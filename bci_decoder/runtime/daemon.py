@@ -579,51 +579,70 @@ class Daemon:
 
     base_decoder = base_package
 
-    def calibration_block(self, seconds: float, output: str | None) -> tuple:
+    def calibration_block(self, seconds: float, output: str | None, labels: bool = True) -> tuple:
         """The last ``seconds`` of recorded spikes and behaviour as a new Session.
 
         Returns (session, output, session hint). Refuses (409) while idle or before
-        enough behaviour has been recorded."""
+        enough behaviour has been recorded. ``labels=False`` (label-free calibration):
+        the spikes alone; no behaviour stream is needed, and the output is ``output`` or
+        the model's first."""
         from bci_decoder.data.session import Behavior, Session
 
         inlet, binlet = self.spike_inlet, self.behavior_inlet
         if self.state == "idle" or inlet is None:
             raise DaemonError("the decoder is idle: POST /decoder/start and stream first", 409)
-        if binlet is None:
-            raise DaemonError(
-                "no behaviour stream is configured (behavior: null); upload the data instead", 409
-            )
-        ring = binlet.ring
-        if ring is None or len(ring) < 20:
-            raise DaemonError(
-                "no behaviour recorded yet: stream the cued block's behaviour (type "
-                f"{self.cfg.behavior.type}) while decoding, then calibrate",
-                409,
-            )
-        out = output or binlet.output
-        if out not in self.package.output_names:
-            raise DaemonError(
-                f"the behaviour stream carries {out!r}, which the model does not decode "
-                f"({self.package.output_names}); pass 'output'",
-                422,
-            )
-        now = ring.newest_time
-        bt, bx = ring.last_seconds(seconds, now)
-        st, su = self.ring.last_spikes(seconds, now)
-        if len(bt) < 20 or bt[-1] - bt[0] < 0.5 * seconds:
-            raise DaemonError(
-                f"only {bt[-1] - bt[0] if len(bt) else 0:.1f} s of behaviour recorded; asked "
-                f"for {seconds:g} s",
-                409,
-            )
-        labels = list(inlet.labels) or [str(i) for i in range(int(su.max(initial=-1)) + 1)]
-        keep = (su >= 0) & (su < len(labels))
+        if not labels:
+            now = self.ring.newest_time
+            st, su = self.ring.last_spikes(seconds, now)
+            if len(st) == 0:
+                raise DaemonError(
+                    "no spikes in the buffer: stream spikes while decoding, then calibrate", 409
+                )
+            if st[-1] - st[0] < 0.5 * seconds:
+                raise DaemonError(
+                    f"only {st[-1] - st[0]:.1f} s of spikes buffered; asked for {seconds:g} s", 409
+                )
+            out = output or self.package.output_names[0]
+            behavior = {}
+            domain = (float(st[0]), float(st[-1]) + 1e-6)
+        else:
+            if binlet is None:
+                raise DaemonError(
+                    "no behaviour stream is configured (behavior: null); upload the data "
+                    "instead, or calibrate without labels (mode 'unsupervised')",
+                    409,
+                )
+            ring = binlet.ring
+            if ring is None or len(ring) < 20:
+                raise DaemonError(
+                    "no behaviour recorded yet: stream the cued block's behaviour (type "
+                    f"{self.cfg.behavior.type}) while decoding, then calibrate",
+                    409,
+                )
+            out = output or binlet.output
+            if out not in self.package.output_names:
+                raise DaemonError(
+                    f"the behaviour stream carries {out!r}, which the model does not decode "
+                    f"({self.package.output_names}); pass 'output'",
+                    422,
+                )
+            now = ring.newest_time
+            bt, bx = ring.last_seconds(seconds, now)
+            st, su = self.ring.last_spikes(seconds, now)
+            if len(bt) < 20 or bt[-1] - bt[0] < 0.5 * seconds:
+                raise DaemonError(
+                    f"only {bt[-1] - bt[0] if len(bt) else 0:.1f} s of behaviour recorded; "
+                    f"asked for {seconds:g} s",
+                    409,
+                )
+            behavior = {out: Behavior(out, bt, bx)}
+            domain = (float(min(bt[0], st[0] if len(st) else bt[0])), float(bt[-1]) + 1e-6)
+        labels_ = list(inlet.labels) or [str(i) for i in range(int(su.max(initial=-1)) + 1)]
+        keep = (su >= 0) & (su < len(labels_))
         session = Session(
             session_id="pending", subject=inlet.subject_hint or "rig", spike_times=st[keep],
-            spike_units=su[keep].astype(np.int32), unit_ids=labels,
-            brain_areas=["unknown"] * len(labels),
-            behavior={out: Behavior(out, bt, bx)},
-            domain=(float(min(bt[0], st[0] if len(st) else bt[0])), float(bt[-1]) + 1e-6),
+            spike_units=su[keep].astype(np.int32), unit_ids=labels_,
+            brain_areas=["unknown"] * len(labels_), behavior=behavior, domain=domain,
             recorded_at=inlet.recorded_hint,
         )  # fmt: skip
         return session, out, inlet.session_hint

@@ -89,23 +89,34 @@ def _start_job(daemon: Daemon, manager: CalibrationManager, reply: dict, path: s
         raise DaemonError(
             f"output {body['output']!r} is not one the model decodes: {model_outputs}", 422
         )
+    labels = body.get("mode", "supervised") == "supervised"
+    if not labels and not daemon.base_package().spec["config"].get("mtm_head"):
+        raise DaemonError(
+            f"model {daemon.model_name} has no masked readout (MtM head), which label-free "
+            "calibration needs: train it with mtm.enabled, or give it one with "
+            "`bci-decoder mtm-head`; or calibrate with labels (mode 'supervised')",
+            422,
+        )
     session = None
     if body["source"] == "buffer":
-        session, output, hint = daemon.calibration_block(body["seconds"], body["output"])
+        session, output, hint = daemon.calibration_block(body["seconds"], body["output"], labels)
         summary = summarize(session) | {"output": output, "hint": hint}
         path = None
     output, hint = summary["output"], summary["hint"]
-    if output not in summary["behavior"]:
+    if not labels and output is None:  # an upload without behaviour: the model's first
+        output = summary["output"] = model_outputs[0]
+    if labels and output not in summary["behavior"]:
         raise DaemonError(
             f"the upload has no behaviour {output!r}: {list(summary['behavior'])}", 422
         )
     if output not in model_outputs:
         raise DaemonError(f"output {output!r} is not one the model decodes: {model_outputs}", 422)
-    dim, got = daemon.package.output_dims[output], summary["behavior"][output]["dim"]
-    if got != dim:
-        raise DaemonError(
-            f"behaviour {output!r} has {got} channels; the model's head has {dim}", 422
-        )
+    if labels:
+        dim, got = daemon.package.output_dims[output], summary["behavior"][output]["dim"]
+        if got != dim:
+            raise DaemonError(
+                f"behaviour {output!r} has {got} channels; the model's head has {dim}", 422
+            )
     name = body["name"] or _default_name(hint)
     summary["session_id"] = body["session"] or name
     if session is not None:
@@ -123,17 +134,24 @@ def _start_job(daemon: Daemon, manager: CalibrationManager, reply: dict, path: s
             409,
         )
     lo, hi = summary["domain"]
-    samples = summary["behavior"][output]["samples"]
-    if hi - lo < 5.0 or samples < 20:
+    if labels:
+        samples = summary["behavior"][output]["samples"]
+        if hi - lo < 5.0 or samples < 20:
+            raise DaemonError(
+                f"calibration data spans {hi - lo:.1f} s with {samples} behaviour samples: need "
+                ">= 5 s and 20",
+                422,
+            )
+    elif hi - lo < 5.0 or summary["spikes"] == 0:
         raise DaemonError(
-            f"calibration data spans {hi - lo:.1f} s with {samples} behaviour samples: need "
-            ">= 5 s and 20",
+            f"calibration data spans {hi - lo:.1f} s with {summary['spikes']} spikes: label-free "
+            "calibration needs >= 5 s of spiking",
             422,
         )
     spec = JobSpec(
         session=session, output=output, base_model=str(base), out_dir=str(out_dir), name=name,
         steps=body["steps"], holdout=body["holdout"], refit=body["refit"], session_path=path,
-        summary=summary,
+        summary=summary, mode=body.get("mode", "supervised"),
     )  # fmt: skip
     Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
     return manager.submit(spec, body["source"], body["auto_apply"]).public()
