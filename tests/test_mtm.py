@@ -424,9 +424,10 @@ def test_label_free_calibration_of_a_new_day_starts_from_the_earlier_day(two_reg
     dec.norms["other"] = {"hand_vel": dataclasses.replace(n1, mean=n1.mean + 5.0)}
     day2 = dataclasses.replace(day1, session_id="day2", behavior={})
     day2.recorded_at = "2020-01-02T00:00:00"
-    st = UnsupervisedSettings(steps=1, batch_size=2, lr=1e-9, warmup=1.0)
+    st = UnsupervisedSettings(steps=1, batch_size=2, lr=1e-9, warm_lr=1e-9, warmup=1.0)
     cal = fit_units_unsupervised(dec, day2, (0.0, 20.0), st)
     assert cal.info["warm_start"]["units_matched"] == day1.num_units
+    assert cal.info["calibrated"]["lr"] == 1e-9  # warm: warm_lr
     rows = cal.units.session_units("day2", names)
     # the warm rows, moved by at most one step of lr 1e-9 (and the held mean)
     torch.testing.assert_close(
@@ -435,7 +436,9 @@ def test_label_free_calibration_of_a_new_day_starts_from_the_earlier_day(two_reg
     np.testing.assert_array_equal(
         cal.norms["day2"]["hand_vel"].mean, dec.norms["day1"]["hand_vel"].mean
     )
-    cold = fit_units_unsupervised(dec, day2, (0.0, 20.0), dataclasses.replace(st, warm_start="off"))
+    cold = fit_units_unsupervised(
+        dec, day2, (0.0, 20.0), dataclasses.replace(st, warm_start="off", lr=3e-2)
+    )
     assert "warm_start" not in cold.info
     assert not np.allclose(cold.norms["day2"]["hand_vel"].mean, n1.mean)
     assert not torch.allclose(cold.model.unit_emb.weight[rows], dec.model.unit_emb.weight[1:])
