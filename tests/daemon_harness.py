@@ -89,3 +89,15 @@ class LiveServer:
                 return s
             time.sleep(0.05)
         raise AssertionError(f"state stayed {self.status()['state']!r}, wanted {state!r}")
+
+
+def wait_for(cond, timeout: float, what: str):
+    """Poll ``cond`` every 50 ms until it returns something truthy (returned), or fail
+    saying what was awaited."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

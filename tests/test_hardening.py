@@ -25,6 +25,7 @@ from bci_decoder.runtime.lsl_io import behavior_stream_info, spike_stream_info
 from bci_decoder.runtime.replay import Replayer
 from bci_decoder.train.checkpoint import Decoder
 from tests.daemon_harness import ROOT, TOKEN, LiveServer, serve_config
+from tests.daemon_harness import wait_for as _wait
 
 pytestmark = pytest.mark.slow
 
@@ -65,16 +66,6 @@ def models_dir(tmp_path_factory):
     # what a killed job leaves: a hidden temporary folder (removed at start, never listed)
     dec.save(good / "calibrations" / ".tmp-half-123")
     return d
-
-
-def _wait(cond, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _pull_for(rec: StreamRecorder, seconds: float) -> None:

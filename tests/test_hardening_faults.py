@@ -22,6 +22,7 @@ from bci_decoder.runtime.client import StreamRecorder
 from bci_decoder.runtime.decode_loop import lsl_clock
 from bci_decoder.runtime.lsl_io import spike_stream_info
 from tests.daemon_harness import ROOT, LiveServer, serve_config
+from tests.daemon_harness import wait_for as _wait
 
 pytestmark = pytest.mark.slow
 
@@ -59,16 +60,6 @@ class ControlTap:
         self._thread.join(5)
         t, y, _ = self.rec.arrays()
         return t, y
-
-
-def _wait(cond, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _metrics(srv: LiveServer) -> dict[str, float]:
