@@ -133,7 +133,7 @@ def plot(result: dict, png: Path) -> None:
         "ui_30": ("tab:blue", "s", "--"),
         "ui_60": ("tab:blue", "o", "-"),
         "adapt_60": ("tab:purple", "D", "-"),
-        "ui_auto_60": ("tab:navy", "P", "-"),
+        "ui_auto_60": ("navy", "P", "-"),
         "ui_cold_60": ("tab:cyan", "v", "-"),
         "free_60": ("tab:olive", "X", "-."),
         "gru_60": ("tab:red", "o", "-"),
