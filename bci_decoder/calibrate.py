@@ -279,10 +279,10 @@ class SecondStage:
     weight_decay: float = 0.0
     # A new day of a known subject: fit unit identification from the earlier day's rows
     # (warm) and from the mean (cold) on the first 80% and keep the start that scores
-    # better on the slice. Warm beat cold on 4 of 7 later Spike days but lost 0.11 on
-    # jango_20160711 (benchmarks/results/across_days.json): which start helps is a property
-    # of the day, and the slice can tell.
-    choose_start: bool = True
+    # better on the slice. Warm lost 0.11 on jango_20160711 (across_days.json), but on the
+    # 7 later Spike days the choice scored 0.661 against warm alone 0.672
+    # (across_days_s2.json): 12 s of slice cannot tell fits 0.01-0.06 apart. Off by default.
+    choose_start: bool = False
 
 
 def fine_tune(
@@ -353,9 +353,9 @@ def adapt(
     """Few-shot adaptation that uses what the block offers.
 
     1. Unit identification on the block's first 80%; its R² on the last 20% is the bar.
-       On a new day of a known subject it is fitted from the earlier day's rows and from
-       the mean, and the start that scores better on the slice is kept
-       (``SecondStage.choose_start``).
+       With ``SecondStage.choose_start``, a new day of a known subject is fitted from the
+       earlier day's rows and from the mean, and the start that scores better on the
+       slice is kept.
     2. The second stage (``SecondStage``) from there, scored on the same 20% as it goes.
     3. If the second stage beat the bar by ``min_gain``, the returned model is unit
        identification on the whole block followed by the second stage for the number of

@@ -135,7 +135,7 @@ class Study:
         if kind in ("adapt", "ui_auto"):
             from bci_decoder.calibrate import SecondStage, adapt
 
-            stage = SecondStage(steps=0) if kind == "ui_auto" else SecondStage()
+            stage = SecondStage(steps=0, choose_start=True) if kind == "ui_auto" else SecondStage()
             cal, report = adapt(dec, session, output, span, CalibrationSettings(), stage)
             return {"r2": score_span(cal, session, output, split.test), **report}
         if kind == "free":

@@ -187,7 +187,7 @@ def test_adapt_keeps_the_start_that_scores_better_on_the_slice(shipped_knows_jan
     names = [f"ee{int(u[2:4]):03d}u0" for u in jango.unit_ids]
     day = _renamed_day(jango, names, "jango_choice_day", span=(300.0, 330.0))
     span, st = (300.0, 330.0), CalibrationSettings(steps=6, seed=1, threads=1)
-    no_second = SecondStage(steps=2, eval_every=2, min_gain=10.0)
+    no_second = SecondStage(steps=2, eval_every=2, min_gain=10.0, choose_start=True)
     dec, report = adapt(shipped_knows_jango, day, "force", span, st, no_second)
     assert {"slice_r2_warm", "slice_r2_cold"} <= set(report)
     chosen = "cold" if report["slice_r2_cold"] > report["slice_r2_warm"] else "warm"
@@ -196,7 +196,7 @@ def test_adapt_keeps_the_start_that_scores_better_on_the_slice(shipped_knows_jan
     plain = fit_units(shipped_knows_jango, day, "force", span, replace(st, warm_start=mode))
     assert torch.equal(dec.model.unit_emb.weight, plain.model.unit_emb.weight)
     assert ("warm_start" in dec.info) == (chosen == "warm")
-    # never asked to choose: the warm start is kept as before
-    fixed = SecondStage(steps=2, eval_every=2, min_gain=10.0, choose_start=False)
+    # not asked to choose (the default): the warm start is kept as before
+    fixed = SecondStage(steps=2, eval_every=2, min_gain=10.0)
     _, report = adapt(shipped_knows_jango, day, "force", span, st, fixed)
     assert report["start"] == "warm" and "slice_r2_cold" not in report
