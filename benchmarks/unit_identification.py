@@ -152,7 +152,10 @@ def plot(result: dict, png: Path, seconds: list[int]) -> None:
         fontsize=8,
     )
     ax.set_ylabel("test R² (last 30%, causal)")
-    ax.set_title(f"Sessions the model never saw, calibrated with {s} s of labels")
+    title = f"Sessions the model never saw, calibrated with {s} s of labels"
+    if "free_r2" in rows[0]:
+        title += f" (olive: the same {s} s of spikes, no labels)"
+    ax.set_title(title)
     ax.set_ylim(min(0, ax.get_ylim()[0]), 1)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
