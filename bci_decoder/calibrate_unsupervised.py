@@ -131,9 +131,8 @@ def fit_units_unsupervised(
         )
     output = pick_output(decoder, session, st.output)
     warm = plan_for(decoder, session, st.warm_start, span)
-    norm = unlabelled_norm(decoder, output)
-    if warm is not None:
-        norm = nearest_day_norm(decoder, session, warm, output) or norm
+    near = nearest_day_norm(decoder, session, warm, output) if warm is not None else None
+    norm = near or unlabelled_norm(decoder, output)
     with _SEED_LOCK:  # the new rows' random start: the same whichever thread fits
         torch.manual_seed(st.seed)
         dec = add_session(decoder, session, output, norm, warm)

@@ -123,12 +123,12 @@ def mtm_head(
     `bci-decoder calibrate --labels none` and POST /calibrations with
     `"mode": "unsupervised"` work with the new folder.
     """
-    import hashlib
-
     import numpy as np
     import torch
 
     from bci_decoder.config import MtMSettings, load_train_config
+    from bci_decoder.model import layout
+    from bci_decoder.model.package import file_sha256
     from bci_decoder.train.loop import selected_sessions
     from bci_decoder.train.objectives import train_mtm_head
 
@@ -151,7 +151,7 @@ def mtm_head(
     head, losses = train_mtm_head(dec, known, settings, steps, progress=True, latents=latents)
     # the supervised weights are the base model's, bit for bit: what is scored with them
     # (e.g. the transfer studies' cache) may be shared with the base model
-    weights = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
+    weights = file_sha256(model / layout.WEIGHTS)
     head.info = dict(head.info) | {"mtm_head_of": {"model": str(model), "sha256": weights}}
     head.save(out)
     k = max(1, len(losses) // 10)

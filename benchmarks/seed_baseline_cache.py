@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(path.read_text())
         commit = result["commit"]
         changed = subprocess.run(
-            ["git", "diff", "--quiet", commit, "HEAD", "--", "bci_decoder/baselines"], cwd=ROOT
+            ["git", "diff", "--quiet", commit, "--", "bci_decoder/baselines"], cwd=ROOT
         ).returncode
         if changed:
             raise SystemExit(f"{path}: the baselines' code changed since {commit[:10]}; refit")

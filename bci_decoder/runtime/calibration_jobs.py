@@ -142,7 +142,6 @@ def _worker(spec: JobSpec, q: Any) -> None:
     from bci_decoder.baselines import evaluate_baselines
     from bci_decoder.calibrate import CalibrationSettings, fit_units, score_span
     from bci_decoder.model.decoder import Decoder
-    from bci_decoder.runtime.guards import check_decoder
 
     try:
         base = Decoder.load(spec.base_model)
@@ -209,11 +208,7 @@ def _worker(spec: JobSpec, q: Any) -> None:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
         }
-        check_decoder(dec, f"calibration {spec.name}")  # e.g. behaviour too large: inf norms
-        out = Path(spec.out_dir)
-        tmp = layout.temporary_dir(out, os.getpid())
-        dec.save(tmp)  # weights, and the package tables the daemon loads (no torch there)
-        os.replace(tmp, out)  # a calibration appears whole or not at all
+        _store(spec, dec)
         q.put(("done", str(spec.out_dir), float(np.nan if r2 is None else r2)))
     except Exception as e:  # noqa: BLE001 - reported to the parent, never raised there
         q.put(("failed", f"{type(e).__name__}: {e}"))
@@ -224,7 +219,6 @@ def _label_free(spec: JobSpec, base: Any, s: Session, q: Any) -> None:
     objective on its spikes alone (``calibrate_unsupervised``), on the whole block: with no
     labels there is nothing to score a held-out slice with, so no R² is reported."""
     from bci_decoder.calibrate_unsupervised import UnsupervisedSettings, fit_units_unsupervised
-    from bci_decoder.runtime.guards import check_decoder
 
     mtm = base.info.get("train_config", {}).get("mtm", {})
     st = UnsupervisedSettings(
@@ -245,12 +239,19 @@ def _label_free(spec: JobSpec, base: Any, s: Session, q: Any) -> None:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
     }  # fmt: skip
-    check_decoder(dec, f"calibration {spec.name}")
+    _store(spec, dec)
+    q.put(("done", str(spec.out_dir), float("nan")))
+
+
+def _store(spec: JobSpec, dec: Any) -> None:
+    """Child process: check a finished calibration and write it whole or not at all."""
+    from bci_decoder.runtime.guards import check_decoder
+
+    check_decoder(dec, f"calibration {spec.name}")  # e.g. behaviour too large: inf norms
     out = Path(spec.out_dir)
     tmp = layout.temporary_dir(out, os.getpid())
-    dec.save(tmp)
-    os.replace(tmp, out)
-    q.put(("done", str(spec.out_dir), float("nan")))
+    dec.save(tmp)  # weights, and the package tables the daemon loads (no torch there)
+    os.replace(tmp, out)  # a calibration appears whole or not at all
 
 
 class CalibrationManager:

@@ -111,9 +111,10 @@ def warm_start(decoder: Decoder, folder: Path) -> dict[str, int]:
     Shared weights are copied as they are. Embedding rows are copied by name: units,
     sessions and output kinds the earlier model knew keep their rows; new ones (sessions
     this stage adds) start at the mean of the earlier model's rows, as a calibration
-    does. The MtM head may be absent from the earlier model (a supervised model gets a
-    masked readout in this stage), never the reverse. Returns how many rows were copied
-    and how many are new."""
+    does. Heads present in only one of the two models (the MtM head, an output kind) are
+    left out of the copy: a head this stage adds starts fresh, one it drops is not loaded.
+    Any other weight missing, or of another shape, is an error. Returns how many rows
+    were copied and how many are new."""
     from bci_decoder.train.checkpoint import Decoder as _Decoder
 
     prev = _Decoder.load(folder)

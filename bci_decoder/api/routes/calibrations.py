@@ -89,7 +89,8 @@ def _start_job(daemon: Daemon, manager: CalibrationManager, reply: dict, path: s
         raise DaemonError(
             f"output {body['output']!r} is not one the model decodes: {model_outputs}", 422
         )
-    labels = body.get("mode", "supervised") == "supervised"
+    mode = body.get("mode", "supervised")
+    labels = mode == "supervised"
     if not labels and not daemon.base_package().spec["config"].get("mtm_head"):
         raise DaemonError(
             f"model {daemon.model_name} has no masked readout (MtM head), which label-free "
@@ -151,7 +152,7 @@ def _start_job(daemon: Daemon, manager: CalibrationManager, reply: dict, path: s
     spec = JobSpec(
         session=session, output=output, base_model=str(base), out_dir=str(out_dir), name=name,
         steps=body["steps"], holdout=body["holdout"], refit=body["refit"], session_path=path,
-        summary=summary, mode=body.get("mode", "supervised"),
+        summary=summary, mode=mode,
     )  # fmt: skip
     Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
     return manager.submit(spec, body["source"], body["auto_apply"]).public()
