@@ -133,8 +133,10 @@ def watch_pages(url: str, pages: int, seconds: float) -> list[int]:
 
 
 def test_page_in_chromium(session, models_dir, state_dir):
-    """Load the page, see live data within seconds, calibrate from the buffer with the
-    button, see the calibration applied; screenshot to out/page.png."""
+    """Load the page, see live data within seconds; label-free calibration on a model
+    without an MtM head is refused with the server's reason on the page while decoding
+    goes on; calibrate from the buffer with the button, see the calibration applied;
+    screenshot to out/page.png."""
     sync_api = playwright()
     browser_path = chromium_path()
     cfg = serve_config(state_dir, models_dir, cadence_hz=100)
@@ -170,6 +172,23 @@ def test_page_in_chromium(session, models_dir, state_dir):
         page.click("#token-set")
         assert page.evaluate("sessionStorage.getItem('bci_token')") == TOKEN
         assert page.evaluate("localStorage.length") == 0
+        # label-free on a model without an MtM head: the server's 422 text shows on the
+        # page, no job starts, and the decoder goes on decoding
+        steps0 = srv.status()["steps"]
+        page.select_option("#cal-kind", "unsupervised")
+        page.click("#calibrate")
+        page.wait_for_function(
+            "() => document.getElementById('cal-state').dataset.state === 'refused'",
+            timeout=10_000,
+        )
+        refused = page.inner_text("#cal-state")
+        assert "label-free" in refused and "422" in refused and "MtM head" in refused, refused
+        assert page.get_attribute("#cal-state", "class") == "warn"
+        assert srv.http.get("/calibrations").json() == []
+        time.sleep(0.3)
+        st = srv.status()
+        assert st["state"] == "running" and st["steps"] > steps0
+        page.select_option("#cal-kind", "supervised")
         # calibrate from the last 10 s of the buffer (short, so the test stays short)
         while srv.status()["behavior"]["seconds"] < 10.5:
             time.sleep(0.2)

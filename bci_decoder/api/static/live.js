@@ -33,7 +33,9 @@ async function call(method, path, body) {
     let detail = data && data.detail ? data.detail : r.statusText;
     if (typeof detail !== "string") detail = JSON.stringify(detail);
     if (r.status === 401) detail += " (type the token above)";
-    throw new Error(`${method} ${path}: ${r.status} ${detail}`);
+    const err = new Error(`${method} ${path}: ${r.status} ${detail}`);
+    err.status = r.status; err.detail = `${r.status} ${detail}`;
+    throw err;
   }
   return data;
 }
@@ -41,24 +43,37 @@ function say(text, bad) { const m = $("message"); m.textContent = text; m.classN
 
 $("start").onclick = () => call("POST", "/decoder/start").then((r) => say("decoder: " + r.state)).catch((e) => say(e.message, true));
 $("stop").onclick = () => call("POST", "/decoder/stop").then((r) => say("decoder: " + r.state)).catch((e) => say(e.message, true));
+// "supervised" fits the new units to the behaviour stream, "unsupervised" (label-free) to
+// the spikes alone; the server decides whether it can (an MtM head, enough seconds in the
+// buffer) and its 4xx text is shown as it came, next to the job line, the decoder untouched
 $("calibrate").onclick = async () => {
+  const mode = $("cal-kind").value;
+  const kind = mode === "unsupervised" ? "label-free" : "supervised";
   const body = {
     source: "buffer",
+    mode,
     seconds: Number($("cal-seconds").value),
     steps: Number($("cal-steps").value),
     auto_apply: true,
   };
   try {
     job = await call("POST", "/calibrations", body);
-    say(`calibration ${job.name} started (${job.units} units, ${job.seconds.toFixed(0)} s)`);
+    say(`${kind} calibration ${job.name} started (${job.units} units, ${job.seconds.toFixed(0)} s)`);
     pollJob();
-  } catch (e) { say(e.message, true); }
+  } catch (e) {
+    job = null;
+    $("cal-progress").value = 0;
+    $("cal-state").textContent = `${kind} calibration refused: ${e.detail || e.message}`;
+    $("cal-state").dataset.state = "refused";
+    $("cal-state").className = "warn";
+    say(e.message, true);
+  }
 };
 async function pollJob() {
   if (!job) return;
   try { job = await call("GET", "/calibrations/" + job.id); } catch (e) { say(e.message, true); return; }
   $("cal-progress").value = job.progress || 0;
-  let text = `${job.name}: ${job.state}` + (job.phase ? ` (${job.phase})` : "") +
+  let text = `${job.name}${job.mode === "unsupervised" ? " (label-free)" : ""}: ${job.state}` + (job.phase ? ` (${job.phase})` : "") +
     ` ${Math.round(100 * (job.progress || 0))}%`;
   if (job.loss != null) text += ` · loss ${job.loss.toFixed(3)}`;
   if (job.heldout_r2 != null) text += ` · held-out R² ${job.heldout_r2.toFixed(3)}`;
@@ -67,6 +82,7 @@ async function pollJob() {
   if (job.error) text += ` · ${job.error}`;
   $("cal-state").textContent = text;
   $("cal-state").dataset.state = job.applied ? "applied" : job.state;
+  $("cal-state").className = job.state === "failed" ? "warn" : "muted";
   if (job.state === "queued" || job.state === "running" || (job.state === "done" && job.auto_apply && !job.applied)) {
     setTimeout(pollJob, 500);
   }
