@@ -273,7 +273,14 @@ def main() -> None:
                     help="also run a daemon with this setting flipped, on the same stream")  # fmt: skip
     ap.add_argument("--pages", type=int, default=0,
                     help="monitoring pages (SSE clients) open during the replay")  # fmt: skip
+    ap.add_argument("--plot-only", type=Path, metavar="JSON",
+                    help="redraw the PNG of an earlier run's JSON, run nothing")  # fmt: skip
     a = ap.parse_args()
+    if a.plot_only:
+        from benchmarks._plots import plot_only
+
+        plot_only("e2e_latency", a.plot_only)
+        return
     with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:
         r = run(a.units, a.cadence, a.seconds, a.model, Path(tmp), a.realtime_priority or None,
                 a.compare, a.pages)  # fmt: skip
@@ -282,6 +289,9 @@ def main() -> None:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(r, indent=1))
         print(f"wrote {a.json}")
+        from benchmarks._plots import draw
+
+        draw("e2e_latency", r, a.json)
 
 
 if __name__ == "__main__":

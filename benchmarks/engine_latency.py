@@ -259,7 +259,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--plot-only", type=Path, metavar="JSON",
+                    help="redraw the PNG of an earlier run's JSON, run nothing")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.plot_only:
+        from benchmarks._plots import plot_only
+
+        return plot_only("engine_latency", args.plot_only)
     torch.set_num_threads(args.threads)
     rows, notes = [], []
     load_before = os.getloadavg()
@@ -287,6 +293,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
+        from benchmarks._plots import draw
+
+        draw("engine_latency", result, args.json)
     return result
 
 

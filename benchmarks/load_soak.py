@@ -217,7 +217,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--load-s", type=float, default=120.0)
     ap.add_argument("--soak-s", type=float, default=600.0)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot-only", type=Path, metavar="JSON",
+                    help="redraw the PNG of an earlier run's JSON, run nothing")  # fmt: skip
     a = ap.parse_args(argv)
+    if a.plot_only:
+        from _plots import plot_only
+
+        return plot_only("load_soak", a.plot_only)
     info = run_info()
     res = run(a)
     res["info"] = info | {"load_average_end": list(os.getloadavg())}
@@ -229,6 +235,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(table(res))
     print(json.dumps(res["verdict"]))
     write_json(a.json, res)
+    from _plots import draw
+
+    draw("load_soak", res, a.json)
     return res
 
 

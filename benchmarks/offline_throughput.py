@@ -44,7 +44,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--torch-seconds", type=float, default=60.0, help="slice for the reference")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (engine, torch)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--plot-only", type=Path, metavar="JSON",
+                    help="redraw the PNG of an earlier run's JSON, run nothing")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.plot_only:
+        from benchmarks._plots import plot_only
+
+        return plot_only("offline_throughput", args.plot_only)
     torch.set_num_threads(args.threads)
     seconds = args.minutes * 60.0
     s = stream(args.units, seconds + 1.0)
@@ -114,6 +120,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
+        from benchmarks._plots import draw
+
+        draw("offline_throughput", result, args.json)
     return result
 
 

@@ -65,7 +65,14 @@ def main() -> None:
                     default=ROOT.parent / "shared" / "data" / "real" / "stevenson2011_m1.nwb")  # fmt: skip
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot-only", type=Path, metavar="JSON",
+                    help="redraw the PNG of an earlier run's JSON, run nothing")  # fmt: skip
     a = ap.parse_args()
+    if a.plot_only:
+        from benchmarks._plots import plot_only
+
+        plot_only("swap_gap", a.plot_only)
+        return
     session = read_nwb(a.data)
     res: dict[str, list[float]] = {"gc_freeze": [], "no_freeze": []}
     for i in range(a.trials):
@@ -80,6 +87,9 @@ def main() -> None:
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(res, indent=1))
+        from benchmarks._plots import draw
+
+        draw("swap_gap", res, a.json)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,270 @@
+"""The benchmarks' pictures: one PNG next to each result JSON, drawn from the JSON alone.
+
+Each benchmark calls ``draw(kind, result, json_path)`` after writing its JSON, and takes
+``--plot-only JSON`` to redraw the picture of an earlier run without running again (the
+load/soak run takes 12 minutes, the hour of offline decoding 3). Titles say what was
+measured and on what; axes carry units; where the JSON holds a baseline or a goal it is
+drawn beside ours. matplotlib's Agg backend: no display needed.
+
+    .venv/bin/python benchmarks/_plots.py load_soak benchmarks/results/load_soak.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+OURS = "tab:red"
+BASE = "0.45"  # a baseline or a reference floor
+GOAL = "tab:green"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    print(f"wrote {path}")
+    return path
+
+
+# ------------------------------------------------------------------ load_soak
+def load_soak(res: dict, path: Path) -> Path:
+    """Spikes received per second, missed deadlines per 10 s and the daemon's RSS over
+    the run, with the warm-up and the load window shaded and the issue's bounds drawn."""
+    plt = _pyplot()
+    s, tl = res["settings"], res["timeline"]
+    t = np.array([x["t"] for x in tl])
+    received = np.array([x["received"] for x in tl], dtype=float)
+    missed = np.array([x["missed"] for x in tl], dtype=float)
+    steps = np.array([x["steps"] for x in tl], dtype=float)
+    rss = np.array([x["rss_mb"] for x in tl])
+    fig, ax = plt.subplots(3, 1, figsize=(9, 7.5), sharex=True)
+    warm, load_end = s["warmup_s"], s["warmup_s"] + s["load_s"]
+    for a in ax:
+        a.axvspan(0, warm, color="0.92", lw=0)
+        a.axvspan(warm, load_end, color="#fdeaea", lw=0)
+    rate = np.diff(received) / np.diff(t)
+    ax[0].plot(t[1:], rate / 1e3, color=OURS, lw=1, label="received by the daemon")
+    ax[0].axhline(s["units"] * s["rate_hz"] / 1e3, color=BASE, ls="--", label="sent (target)")
+    ax[0].set_ylabel("spikes/s (thousands)")
+    ax[0].set_ylim(0, None)
+    ax[0].legend(loc="lower right", fontsize=8)
+    # missed deadlines per 10 s bin, and the 0.1% bound as a count per bin
+    edges = np.arange(0, t[-1] + 10, 10.0)
+    m_at = np.interp(edges, t, missed)
+    st_at = np.interp(edges, t, steps)
+    ax[1].bar(edges[:-1], np.diff(m_at), width=9, align="edge", color=OURS,
+              label="missed deadlines")  # fmt: skip
+    ax[1].plot(edges[:-1] + 5, 0.001 * np.diff(st_at), color=GOAL, ls="--",
+               label="0.1% of the steps (issue bound)")  # fmt: skip
+    ax[1].set_ylabel("missed per 10 s")
+    ax[1].legend(loc="upper right", fontsize=8)
+    ax[2].plot(t, rss, color=OURS, lw=1.2, label="daemon RSS")
+    i_warm = int(np.searchsorted(t, warm))
+    base = rss[min(i_warm, len(rss) - 1)]
+    ax[2].axhline(base + 5.0, color=GOAL, ls="--", label="RSS after warm-up + 5 MB (issue bound)")
+    ax[2].set_ylabel("RSS (MB)")
+    ax[2].set_xlabel("time since decoding started (s)")
+    ax[2].legend(loc="lower right", fontsize=8)
+    ld, sk = res["load"], res["soak"]
+    ax[0].set_title(
+        f"Load and soak: {s['units']} units x {s['rate_hz']:g} Hz at {s['cadence']:g} Hz cadence "
+        f"({s['model']})\ngrey: warm-up; red: load window ({ld['missed_percent']:.2f}% missed, "
+        f"{ld['sequence_gaps']} gaps); soak RSS +{sk['rss_growth_mb']:.1f} MB over "
+        f"{sk['seconds'] / 60:.0f} min",
+        fontsize=10,
+    )
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ engine_latency
+IMPL_STYLE = {
+    "torch_brain": ("torch_brain POYO (reference)", BASE),
+    "torch_full": ("ours, full torch forward", "tab:purple"),
+    "window": ("ours, engine window mode", "tab:orange"),
+    "causal": ("ours, engine causal mode", OURS),
+}
+
+
+def engine_latency(res: dict, path: Path) -> Path:
+    """Per-step latency against units: one panel per model size and hop, one colour per
+    implementation, p50 solid and p99 dashed, log scales."""
+    plt = _pyplot()
+    rows = res["rows"]
+    configs = sorted({r["config"] for r in rows})
+    hops = sorted({r["hop_ms"] for r in rows})
+    fig, axes = plt.subplots(len(configs), len(hops), figsize=(4.8 * len(hops), 3.9 * len(configs)),
+                             squeeze=False, sharey=True)  # fmt: skip
+    for i, cfg in enumerate(configs):
+        for j, hop in enumerate(hops):
+            a = axes[i][j]
+            for impl, (label, colour) in IMPL_STYLE.items():
+                sel = sorted((r for r in rows if r["config"] == cfg and r["hop_ms"] == hop
+                              and r["impl"] == impl), key=lambda r: r["units"])  # fmt: skip
+                if not sel:
+                    continue
+                u = [r["units"] for r in sel]
+                a.plot(u, [r["p50_ms"] for r in sel], "o-", color=colour, label=f"{label} p50")
+                a.plot(u, [r["p99_ms"] for r in sel], "--", color=colour, alpha=0.7,
+                       label=f"{label} p99")  # fmt: skip
+            a.axhline(hop, color=GOAL, lw=0.8, ls=":", label="step period (hop)")
+            a.set_xscale("log")
+            a.set_yscale("log")
+            a.set_title(f"{cfg}, a step every {hop:g} ms", fontsize=10)
+            a.set_xlabel("units in the stream (20 Hz each)")
+            if j == 0:
+                a.set_ylabel("wall time per step (ms)")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(f"Per-step decode latency, {res.get('threads', 1)} thread, "
+                 f"{res.get('cpus', '?')}-CPU machine (p50 solid, p99 dashed)",
+                 fontsize=11)  # fmt: skip
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ e2e_latency
+def e2e_latency(res: dict, path: Path) -> Path:
+    """p50 / p99 / p99.9 of each measured latency, ours beside the echo path (the LSL
+    floor) and, with --compare, beside the other daemon's output latency."""
+    plt = _pyplot()
+    groups = [
+        ("output\n(ours)", res["output_latency_ms"], OURS),
+        ("spike to output\n(ours)", res["spike_to_output_ms"], "tab:orange"),
+        ("echo, no model\n(LSL floor)", res["echo_latency_ms"], BASE),
+        ("decode step\n(ours)", res["step_ms"], "tab:purple"),
+    ]
+    cmp = res.get("compare")
+    if cmp:
+        groups.insert(1, (f"output\n({cmp.get('label', 'compare')})", cmp["output_latency_ms"],
+                          "tab:pink"))  # fmt: skip
+    keys = [("p50", "p50"), ("p99", "p99"), ("p999", "p99.9")]
+    fig, a = plt.subplots(figsize=(max(7, 1.7 * len(groups)), 4.2))
+    width = 0.8 / len(groups)
+    for g, (label, d, colour) in enumerate(groups):
+        x = np.arange(len(keys)) + (g - (len(groups) - 1) / 2) * width
+        v = [d[k] for k, _ in keys]
+        bars = a.bar(x, v, width * 0.95, color=colour, label=label.replace("\n", " "))
+        a.bar_label(bars, fmt="%.1f", fontsize=7)
+    a.axhline(1000.0 / res["cadence_hz"], color=GOAL, ls="--", lw=0.8, label="step period")
+    a.set_xticks(np.arange(len(keys)), [k for _, k in keys])
+    a.set_yscale("log")
+    a.set_ylabel("latency (ms, log)")
+    a.legend(fontsize=7, loc="upper left")
+    missed = f"{res['missed']} of {res['steps']} deadlines missed"
+    if cmp:
+        missed += f" ({cmp.get('label', 'compare')}: {cmp['missed']} of {cmp['steps']})"
+    a.set_title(f"End-to-end latency: {res['units']} units, {res['cadence_hz']:g} Hz cadence, "
+                f"{res['seconds']:.0f} s replay\n{missed}", fontsize=10)  # fmt: skip
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ swap_gap
+def swap_gap(res: dict, path: Path) -> Path:
+    """The largest interval between outputs around each model swap, per gc setting."""
+    plt = _pyplot()
+    arms = [k for k in ("gc_freeze", "no_freeze") if k in res]
+    names = {"gc_freeze": "gc_freeze on", "no_freeze": "gc_freeze off"}
+    fig, a = plt.subplots(figsize=(6, 4))
+    rng = np.random.default_rng(0)
+    for i, arm in enumerate(arms):
+        g = np.asarray(res[arm], dtype=float)
+        a.scatter(i + rng.uniform(-0.12, 0.12, g.size), g, s=60, color=OURS, zorder=3)
+        a.hlines(np.median(g), i - 0.25, i + 0.25, color="k", lw=2, zorder=4)
+        a.annotate(f"median {np.median(g):.0f} ms\nmax {g.max():.0f} ms", (i + 0.28, np.median(g)),
+                   fontsize=8, va="center")  # fmt: skip
+    a.axhline(10.0, color=GOAL, ls="--", label="10 ms: no step missed at 100 Hz")
+    a.set_xticks(range(len(arms)), [f"{names[k]}\n({len(res[k])} swaps)" for k in arms])
+    a.set_xlim(-0.6, len(arms) - 0.1)
+    a.set_ylim(0, None)
+    a.set_ylabel("largest interval between outputs\nwithin 1 s of a swap (ms)")
+    a.legend(fontsize=8, loc="upper right")
+    a.set_title("Model swap (PUT /model) during decoding at 100 Hz", fontsize=10)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ serve_startup
+def serve_startup(res: dict, path: Path) -> Path:
+    """Start to ready per trial, split where the daemon was built, beside the imports."""
+    plt = _pyplot()
+    trials = res["trials"]
+    ready = np.array([r["ready_s"] for r in trials])
+    built = np.array([r.get("daemon_built_at_s", np.nan) for r in trials])
+    x = np.arange(len(trials))
+    fig, a = plt.subplots(figsize=(7, 4))
+    a.bar(x, built, color="tab:orange", label="process start to daemon built")
+    a.bar(x, ready - built, bottom=built, color=OURS, label="daemon built to /health ready")
+    a.axhline(float(np.median(ready)), color="k", lw=1, label=f"median {np.median(ready):.2f} s")
+    imp = res.get("imports", {}).get("seconds")
+    if imp is not None:
+        a.axhline(imp, color=BASE, ls="--", label=f"imports alone {imp:.2f} s")
+    a.set_xticks(x, [str(i + 1) for i in x])
+    a.set_xlabel("trial")
+    a.set_ylabel("seconds")
+    a.set_ylim(0, ready.max() * 1.4)
+    a.legend(fontsize=8, loc="upper right", ncol=2)
+    a.set_title(f"`bci-decoder serve` start-up ({res.get('model', '')}, "
+                f"{res.get('run', {}).get('cpus', '?')} CPUs)", fontsize=10)  # fmt: skip
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ offline_throughput
+def offline_throughput(res: dict, path: Path) -> Path:
+    """Wall time to decode one hour, engine beside the torch reference, and x real time."""
+    plt = _pyplot()
+    names = {"engine": "ours: streaming engine\n(ONNX Runtime)",
+             "torch_chunked": "torch reference\n(extrapolated from a slice)"}  # fmt: skip
+    rows = res["rows"]
+    fig, a = plt.subplots(figsize=(7, 3.2))
+    y = np.arange(len(rows))
+    colours = [OURS if r["impl"] == "engine" else BASE for r in rows]
+    bars = a.barh(y, [r["hour_s"] / 60 for r in rows], color=colours)
+    a.bar_label(bars, [f"{r['hour_s'] / 60:.1f} min ({r['x_realtime']:.1f}x real time)"
+                       for r in rows], fontsize=8, padding=3)  # fmt: skip
+    a.set_yticks(y, [names.get(r["impl"], r["impl"]) for r in rows], fontsize=8)
+    a.invert_yaxis()
+    a.set_xlim(0, max(r["hour_s"] for r in rows) / 60 * 1.45)
+    a.set_xlabel("minutes to decode one hour of spikes")
+    a.set_title(f"Offline decoding: {res['units']} units, a query every {res['hop_ms']:g} ms "
+                f"({res['config']} model, {res.get('threads', 1)} thread)", fontsize=10)  # fmt: skip
+    return _save(fig, path)
+
+
+KINDS = {
+    "load_soak": load_soak,
+    "engine_latency": engine_latency,
+    "e2e_latency": e2e_latency,
+    "swap_gap": swap_gap,
+    "serve_startup": serve_startup,
+    "offline_throughput": offline_throughput,
+}
+
+
+def draw(kind: str, result: dict, json_path: Path | str | None) -> Path | None:
+    """The picture of ``result`` next to its JSON (same name, .png); none without a JSON."""
+    if json_path is None:
+        return None
+    return KINDS[kind](result, Path(json_path).with_suffix(".png"))
+
+
+def plot_only(kind: str, json_path: Path | str) -> Path:
+    """Redraw from a JSON an earlier run wrote (``--plot-only``)."""
+    return draw(kind, json.loads(Path(json_path).read_text()), json_path)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] not in KINDS:
+        raise SystemExit(f"usage: _plots.py {{{','.join(KINDS)}}} RESULT.json [...]")
+    for p in sys.argv[2:]:
+        plot_only(sys.argv[1], p)
