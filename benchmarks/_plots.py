@@ -200,7 +200,8 @@ def serve_startup(res: dict, path: Path) -> Path:
     plt = _pyplot()
     trials = res["trials"]
     ready = np.array([r["ready_s"] for r in trials])
-    built = np.array([r.get("daemon_built_at_s", np.nan) for r in trials])
+    built = np.array([np.nan if r.get("daemon_built_at_s") is None else r["daemon_built_at_s"]
+                      for r in trials])  # fmt: skip
     x = np.arange(len(trials))
     fig, a = plt.subplots(figsize=(7, 4))
     a.bar(x, built, color="tab:orange", label="process start to daemon built")
