@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,13 +11,15 @@ import time
 
 import httpx
 import numpy as np
+import pylsl
 import pytest
 import yaml
 
 from bci_decoder.data.simulate import SimConfig, simulate_session
 from bci_decoder.runtime.decode_loop import lsl_clock
+from bci_decoder.runtime.lsl_io import spike_stream_info
 from bci_decoder.runtime.processes import free_port, wait_http
-from bci_decoder.runtime.recorder import open_recording, summary
+from bci_decoder.runtime.recorder import open_recording, read_rejected, summary
 from bci_decoder.runtime.replay import Replayer
 from tests.daemon_harness import ROOT, TOKEN, LiveServer, serve_config
 
@@ -55,7 +58,9 @@ def test_recording_holds_everything_received_and_sent(session, state_dir, tmp_pa
     assert info["spikes"]["count"] == kept == len(rep.log.spike_time)
     assert info["outputs"]["count"] == steps > 300
     assert info["behavior"]["count"] == samples > 100
-    assert info["lost"] == {"spikes": 0, "behavior": 0, "outputs": 0}
+    assert info["lost"] == {"spikes": 0, "rejected": 0, "behavior": 0, "outputs": 0}
+    assert info["rejected"] == {"count": 0, "recorded": True, "by_reason": {
+        "nan_time": 0, "future_time": 0, "bad_unit": 0, "out_of_order": 0}}  # fmt: skip
     assert {"start", "state", "spike-stream", "model"} <= set(info["events"]["kinds"])
     with open_recording(path) as f:
         np.testing.assert_array_equal(f["spikes/time"][:], rep.log.spike_time)
@@ -147,3 +152,96 @@ def test_recording_survives_sigkill(session, state_dir, tmp_path):
     with open_recording(path) as f:
         n = f["spikes/time"].shape[0]
         np.testing.assert_array_equal(f["spikes/time"][:], rep.log.spike_time[:n])
+
+
+def test_rejected_spikes_are_recorded_with_their_reason(state_dir, tmp_path):
+    """Spikes the inlet rejects (NaN/inf/future/out-of-order times, unknown units), sent
+    over real LSL, are in the file with their raw time, unit and reason, apart from the
+    accepted ones; the counts equal /status's, and accepted + rejected = received."""
+    meta = json.loads((ROOT / "models" / "poyo-mp-small" / "meta.json").read_text())
+    labels = [u.split("/", 1)[1] for u in meta["units"] if u.startswith("sim7_s0/")]
+    nunits = len(labels)
+    path = tmp_path / "rejected.h5"
+    cfg = serve_config(state_dir, cadence_hz=100, behavior=None, recording={"path": str(path)})
+    sent: list[tuple[float, int, str]] = []  # the bad spikes, in the order sent
+    with LiveServer(cfg) as srv:
+        out = pylsl.StreamOutlet(spike_stream_info("bad", cfg.spikes.source_id, labels, "sim7_s0"))
+        srv.post("/decoder/start")
+        assert out.wait_for_consumers(10)
+        rng = np.random.default_rng(0)
+        seq = 0
+
+        def push(stamps, units) -> None:  # (unit, seq) rows: a gap LSL made would show
+            nonlocal seq
+            rows = np.stack([units, seq + np.arange(len(units))], 1).astype(np.int32)
+            seq += len(units)
+            out.push_chunk(rows, np.asarray(stamps, np.float64).tolist())
+
+        def stream(seconds: float) -> None:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                now = lsl_clock()
+                push(now - np.sort(rng.uniform(0, 0.009, 20))[::-1], rng.integers(0, nunits, 20))
+                time.sleep(0.01)
+
+        stream(0.5)
+        for _ in range(3):
+            time.sleep(0.02)  # the last chunk's spikes are all older than these
+            now = lsl_clock()
+            good = now - 0.010  # and the next chunk's all newer
+            rows = [
+                (good - 0.004, 1, ""), (float("nan"), 2, "nan_time"), (good - 0.003, 3, ""),
+                (float("inf"), 4, "nan_time"), (float("-inf"), 5, "nan_time"),
+                (now + 100.0, 6, "future_time"), (now + 5.0, 7, "future_time"),
+                (good - 0.002, 8, ""), (good - 0.0025, 9, "out_of_order"),
+                (good - 0.010, 10, "out_of_order"), (good - 0.002, 11, ""),
+                (good - 0.001, -1, "bad_unit"), (good - 0.001, nunits, "bad_unit"),
+                (good - 0.001, 2**31 - 1, "bad_unit"), (float("nan"), -7, "nan_time"),
+                (good, 0, ""),
+            ]  # fmt: skip
+            push([r[0] for r in rows], [r[1] for r in rows])
+            sent += [r for r in rows if r[2]]
+            stream(0.2)
+        time.sleep(0.5)
+        st = srv.status()  # nothing is sent after this
+        srv.post("/decoder/stop")
+    d, s = st["dropped"], st["stream"]
+    info = summary(path)  # the server closed: the recorder flushed and closed the file
+    by_reason = info["rejected"]["by_reason"]
+    print("rejected in the file:", by_reason, "/status:", {k: d[k] for k in by_reason})
+    assert by_reason == {k: d[k] for k in ("nan_time", "future_time", "bad_unit", "out_of_order")}
+    assert info["rejected"]["count"] == len(sent) == 3 * 11
+    assert info["spikes"]["count"] == s["kept"]
+    assert info["spikes"]["count"] + info["rejected"]["count"] == s["received"]
+    assert info["lost"]["rejected"] == 0
+    with open_recording(path) as f:
+        rej = read_rejected(f)
+        kept_t = f["spikes/time"][:]
+    np.testing.assert_array_equal(rej["time"], [r[0] for r in sent])  # NaN == NaN here
+    np.testing.assert_array_equal(rej["unit"], [r[1] for r in sent])
+    assert list(rej["reason"]) == [r[2] for r in sent]
+    assert np.isfinite(kept_t).all() and kept_t.max() < lsl_clock()  # none leaked in there
+
+
+def test_rejected_binned_counts_keep_the_spikes_they_carried():
+    """A SpikeCounts sample rejected for its time leaves the spikes it carried (its
+    positive counts, unit = channel) with the reason; a negative count is one bad_unit
+    row. No LSL needed: the inlet's handler is called directly."""
+    from bci_decoder.config import StreamSettings
+    from bci_decoder.runtime.lsl_io import SpikeInletThread
+    from bci_decoder.runtime.ring import SpikeRing
+
+    inlet = SpikeInletThread(StreamSettings(type="SpikeCounts"), SpikeRing(1000))
+    inlet.counts, inlet.labels = True, ["a", "b", "c"]
+    got: list = []
+    inlet.on_rejected = lambda t, u, r: got.append((t.copy(), u.copy(), r.copy()))
+    now = lsl_clock()
+    data = np.array([[1, 0, 2], [0, 3, 0], [1, -1, 0], [0, 0, 0]], np.int32)
+    times = np.array([now - 0.01, np.nan, now - 0.005, now + 50.0])
+    inlet._handle(data, times)
+    t, u, r = (np.concatenate(x) for x in zip(*got, strict=True))
+    np.testing.assert_array_equal(t, [np.nan] * 3 + [now - 0.005])
+    np.testing.assert_array_equal(u, [1, 1, 1, 1])
+    np.testing.assert_array_equal(r, [1, 1, 1, 3])  # nan_time x3 (a count of 3), bad_unit
+    st = inlet.stats
+    assert (st.nan_time, st.future, st.bad_unit, st.kept) == (1, 1, 1, 4)

@@ -403,6 +403,7 @@ class Daemon:
             rec = self.recorder
             if rec is not None:
                 self.spike_inlet.on_spikes = rec.spikes_in
+                self.spike_inlet.on_rejected = rec.rejected_in  # with why, as received
             self.spike_inlet.start()
             if cfg.behavior is not None:
                 self.behavior_inlet = BehaviorInletThread(

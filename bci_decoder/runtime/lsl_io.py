@@ -44,6 +44,10 @@ from bci_decoder.serve_config import StreamSettings
 log = logging.getLogger(__name__)
 
 SEQ_LABEL = "seq"
+# why a spike was rejected at the inlet, as /status.dropped names it; the recorder stores
+# code i + 1 for REJECTION_REASONS[i] (0 is never written: it would mean "kept")
+REJECTION_REASONS = ("nan_time", "future_time", "bad_unit", "out_of_order")
+NAN_TIME, FUTURE_TIME, BAD_UNIT, OUT_OF_ORDER = 1, 2, 3, 4
 
 
 def predicate(query: StreamSettings) -> str:
@@ -360,6 +364,9 @@ class SpikeInletThread(InletThread):
         self.max_future_s = max_future_s
         self.window = RejectionWindow()
         self.on_spikes = None  # optional callable(times, units): the recorder
+        # optional callable(times, units, reasons): the spikes rejected here, as received
+        # (raw timestamp and unit) with their reason code (REJECTION_REASONS): the recorder
+        self.on_rejected = None
         self.labels: list[str] = []
         self.session_hint = ""
         self.subject_hint = ""  # desc/subject: a new day of a known subject
@@ -402,9 +409,15 @@ class SpikeInletThread(InletThread):
         if self.counts:  # (N, U) counts at each sample time -> spikes
             ok = np.isfinite(times) & ~future
             st.nan_time += int((~np.isfinite(times)).sum())
+            if self.on_rejected is not None and not ok.all():
+                self._reject_counts(data, times, ok, future)
             data, times = data[ok], times[ok]
             counts = np.clip(data, 0, None)  # negative counts are not spikes
             st.bad_unit += int((data < 0).sum())
+            if self.on_rejected is not None and (data < 0).any():  # one row per count
+                rows, chans = np.nonzero(data < 0)
+                self.on_rejected(times[rows], chans.astype(np.int32),
+                                 np.full(len(rows), BAD_UNIT, np.int32))  # fmt: skip
             n_per_sample = counts.sum(1)
             units = np.nonzero(counts)[1]
             reps = counts[counts > 0]
@@ -443,7 +456,31 @@ class SpikeInletThread(InletThread):
             self.ring.write(times[ok], units[ok])
             if self.on_spikes is not None:
                 self.on_spikes(times[ok], units[ok])
+        if self.on_rejected is not None and not ok.all():
+            # one reason per spike, in the order the counters above are taken
+            reason = np.full(received, OUT_OF_ORDER, np.int32)
+            reason[~good_unit] = BAD_UNIT
+            reason[future] = FUTURE_TIME
+            reason[~np.isfinite(times)] = NAN_TIME
+            self.on_rejected(times[~ok], units[~ok], reason[~ok])
         self.window.add(now, received, received - (st.kept - kept_before))
+
+    def _reject_counts(
+        self, data: np.ndarray, times: np.ndarray, ok: np.ndarray, future: np.ndarray
+    ) -> None:
+        """Binned samples rejected for their time: the spikes each carried (its positive
+        counts), at the raw timestamp, with the sample's reason. (The counters count
+        samples here; a sample of all zeros carried no spike and leaves no row.)"""
+        bad = np.nonzero(~ok)[0]
+        counts = np.clip(data[bad], 0, None)  # (B, U)
+        rows, units = np.nonzero(counts)
+        reps = counts[rows, units]
+        reason = np.where(future[bad], FUTURE_TIME, NAN_TIME)[rows]
+        self.on_rejected(
+            np.repeat(times[bad][rows], reps),
+            np.repeat(units, reps).astype(np.int32),
+            np.repeat(reason, reps).astype(np.int32),
+        )
 
 
 class BehaviorInletThread(InletThread):

@@ -1,7 +1,10 @@
 """The recorder: everything in and out of the daemon, appended to one HDF5 file.
 
-What: every spike received (LSL timestamp, stream unit index) as the inlet kept it,
-every behaviour sample, every output sent (decode time t, the LSL clock when it left, the
+What: every spike received (LSL timestamp, stream unit index) as the inlet kept it
+(``spikes/``), every spike the inlet rejected, with its raw timestamp and unit as received
+and the reason (``rejected/``: ``reason`` is a code, ``rejected.attrs["reasons"]`` its
+names, the same as ``/status.dropped``: nan_time, future_time, bad_unit, out_of_order;
+so spikes + rejected = all received), every behaviour sample, every output sent (decode time t, the LSL clock when it left, the
 step's compute time, whether it was the safe value), and every model swap, calibration
 and state change (events, JSON).
 
@@ -50,6 +53,7 @@ class Recorder:
         queue_spikes: int = 4_000_000,
         queue_outputs: int = 65_536,
         queue_behavior: int = 1_000_000,
+        queue_rejected: int = 1_000_000,
     ) -> None:
         import h5py
 
@@ -58,14 +62,16 @@ class Recorder:
         self.flush_s = float(flush_s)
         self.spikes = SampleRing(queue_spikes, 1, np.int32)  # (t, unit)
         self.behavior = SampleRing(queue_behavior, WIDTH, np.float32)  # (t, values)
+        self.rejected = SampleRing(queue_rejected, 2, np.int32)  # (raw t, [unit, reason])
+        self._rrow = np.empty((4096, 2), np.int32)  # reused by rejected_in()
         # outputs: (t, [sent clock, step ms, safe, values...]) in float64
         self.outputs = SampleRing(queue_outputs, 3 + WIDTH, np.float64)
         self._row = np.full(3 + WIDTH, np.nan, np.float64)  # reused by output()
         self._brow = np.full((4096, WIDTH), np.nan, np.float32)
         self._events: queue.SimpleQueue = queue.SimpleQueue()
-        self._cursors = {"spikes": 0, "behavior": 0, "outputs": 0}
-        self.lost = {"spikes": 0, "behavior": 0, "outputs": 0}
-        self.written = {"spikes": 0, "behavior": 0, "outputs": 0, "events": 0}
+        self._cursors = {"spikes": 0, "rejected": 0, "behavior": 0, "outputs": 0}
+        self.lost = {"spikes": 0, "rejected": 0, "behavior": 0, "outputs": 0}
+        self.written = {"spikes": 0, "rejected": 0, "behavior": 0, "outputs": 0, "events": 0}
         self._stop = threading.Event()
         self.error: str | None = None
         f = h5py.File(self.path, "w", libver="latest")
@@ -84,6 +90,14 @@ class Recorder:
 
         ds("spikes/time", "f8")
         ds("spikes/unit", "i4")
+        # rejected at the inlet: the timestamp as received (NaN, inf, far future, out of
+        # order), the unit as received (may be out of range), why (code i + 1 = reasons[i])
+        from bci_decoder.runtime.lsl_io import REJECTION_REASONS
+
+        ds("rejected/time", "f8")
+        ds("rejected/unit", "i4")
+        ds("rejected/reason", "u1")
+        f["rejected"].attrs["reasons"] = json.dumps(list(REJECTION_REASONS))
         ds("behavior/time", "f8")
         ds("behavior/data", "f4", WIDTH)
         ds("outputs/time", "f8")  # the decode time t (also the LSL timestamp sent)
@@ -104,6 +118,15 @@ class Recorder:
     # ------------------------------------------------------------ producers (any thread)
     def spikes_in(self, times: np.ndarray, units: np.ndarray) -> None:
         self.spikes.write(times, units)
+
+    def rejected_in(self, times: np.ndarray, units: np.ndarray, reasons: np.ndarray) -> None:
+        """Spikes the inlet rejected, as received, with their reason codes."""
+        n = len(times)
+        for i in range(0, n, len(self._rrow)):
+            part = self._rrow[: min(len(self._rrow), n - i)]
+            part[:, 0] = units[i : i + len(part)]
+            part[:, 1] = reasons[i : i + len(part)]
+            self.rejected.write(times[i : i + len(part)], part)
 
     def behavior_in(self, times: np.ndarray, data: np.ndarray) -> None:
         n, c = data.shape
@@ -142,6 +165,7 @@ class Recorder:
         from bci_decoder.runtime.decode_loop import lsl_clock
 
         self._append("spikes", self.spikes, lambda d: [("unit", d[:, 0])])
+        self._append("rejected", self.rejected, lambda d: [("unit", d[:, 0]), ("reason", d[:, 1])])
         self._append("behavior", self.behavior, lambda d: [("data", d)])
         self._append(
             "outputs",
@@ -230,6 +254,7 @@ def summary(path: str | Path) -> dict:
                 "first": float(t[0]) if len(t) else None,
                 "last": float(t[-1]) if len(t) else None,
             }
+        out["rejected"] = rejected_summary(f)
         sent, t = f["outputs/sent"][:], f["outputs/time"][:]
         if len(t):
             lat = (sent - t) * 1e3
@@ -242,6 +267,33 @@ def summary(path: str | Path) -> dict:
         kinds = [k.decode() for k in f["events/kind"][:]]
         out["events"]["kinds"] = {k: kinds.count(k) for k in sorted(set(kinds))}
     return out
+
+
+def rejected_summary(f) -> dict:
+    """How many spikes the inlet rejected, by reason (``/status.dropped``'s names); a
+    recording made before rejected spikes were kept has none."""
+    if "rejected" not in f:
+        return {"count": 0, "by_reason": {}, "recorded": False}
+    names = json.loads(f["rejected"].attrs["reasons"])
+    codes = np.bincount(f["rejected/reason"][:], minlength=len(names) + 1)
+    return {
+        "count": int(codes.sum()),
+        "by_reason": {name: int(codes[i + 1]) for i, name in enumerate(names)},
+        "recorded": True,
+    }
+
+
+def read_rejected(f) -> dict[str, np.ndarray]:
+    """The rejected spikes as arrays: ``time`` and ``unit`` as received, ``reason`` as
+    names (``/status.dropped``'s)."""
+    if "rejected" not in f:
+        return {"time": np.zeros(0), "unit": np.zeros(0, np.int32), "reason": np.zeros(0, str)}
+    names = np.array(["kept", *json.loads(f["rejected"].attrs["reasons"])])
+    return {
+        "time": f["rejected/time"][:],
+        "unit": f["rejected/unit"][:],
+        "reason": names[f["rejected/reason"][:]],
+    }
 
 
 def _last_labels(f, kind: str) -> list[str]:
