@@ -11,6 +11,17 @@ next to NLB's smoothing baseline (Gaussian-smoothed spikes -> Poisson GLM).
     nice -n 10 .venv/bin/bci-decoder train --config configs/mtm-sim-temporal.yaml
     nice -n 10 .venv/bin/python benchmarks/mtm_ssl.py --json benchmarks/results/mtm_ssl.json \
         | tee benchmarks/results/mtm_ssl.txt
+
+The real-session study (seven sessions of ../shared/data/real and NLB's MC_Maze_Small, 50 ms
+bins, the bin width of the config's masked objective):
+
+    .venv/bin/bci-decoder train --config configs/mtm-real.yaml
+    .venv/bin/bci-decoder train --config configs/mtm-real-temporal.yaml
+    .venv/bin/python benchmarks/mtm_ssl.py --config configs/mtm-real.yaml \
+        --mtm out/mtm-real --temporal out/mtm-real-temporal \
+        --json benchmarks/results/mtm_ssl_real.json | tee benchmarks/results/mtm_ssl_real.txt
+
+A PNG next to the JSON shows each session's co-smoothing and forward-prediction bps.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ import torch
 from bci_decoder.config import load_train_config
 from bci_decoder.ssl_eval import SSLEvalSettings, evaluate_ssl, format_table
 from bci_decoder.train.checkpoint import Decoder
-from bci_decoder.train.loop import gather_sessions
+from bci_decoder.train.loop import selected_sessions
 
 
 def main() -> None:
@@ -39,6 +50,12 @@ def main() -> None:
     ap.add_argument("--mtm", type=Path, default=Path("out/mtm-sim"))
     ap.add_argument("--temporal", type=Path, default=Path("out/mtm-sim-temporal"))
     ap.add_argument("--max-windows", type=int, default=72)
+    ap.add_argument(
+        "--bin-width",
+        type=float,
+        default=None,
+        help="s; default: the config's mtm.bin_width (the bins the models were trained on)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -49,9 +66,13 @@ def main() -> None:
         print(
             f"{name}: {dec.info.get('steps')} steps, schemes {dec.info['train_config']['mtm']['schemes']}"
         )
-    sessions = gather_sessions(load_train_config(args.config))
+    cfg = load_train_config(args.config)
+    bin_width = args.bin_width or cfg.mtm.bin_width
+    print(f"bins of {bin_width * 1000:g} ms")
+    sessions = selected_sessions(cfg)  # with or without behaviour (MC_Maze_Small has none)
     t0 = time.perf_counter()
-    report = evaluate_ssl(models, sessions, SSLEvalSettings(max_windows=args.max_windows))
+    settings = SSLEvalSettings(max_windows=args.max_windows, bin_width=bin_width)
+    report = evaluate_ssl(models, sessions, settings)
     print(format_table(report))
     report |= {
         "command": " ".join([sys.executable, *sys.argv]),
@@ -66,6 +87,55 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
+        print(f"picture: {plot(report, args.json.with_suffix('.png'))}")
+
+
+def plot(report: dict, path: Path) -> Path:
+    """Co-smoothing and forward-prediction bps per session, the three models side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    sessions = list(report["sessions"])
+    names = list(next(iter(report["sessions"].values())))
+    colors = {"mtm": "tab:red", "temporal-only": "tab:orange", "smoothing": "0.5"}
+    fig, axes = plt.subplots(2, 1, figsize=(max(7, 1.1 * len(sessions) + 2), 7), sharex=True)
+    x = np.arange(len(sessions) + 1)
+    width = 0.8 / len(names)
+    for ax, task, label in zip(
+        axes,
+        ("co_smoothing", "forward"),
+        ("co-smoothing bps", "forward-prediction bps"),
+        strict=True,
+    ):
+        for i, name in enumerate(names):
+            vals = [report["sessions"][s][name].get(task, np.nan) for s in sessions]
+            vals.append(report["mean"][name].get(task, np.nan))
+            ax.bar(
+                x + (i - (len(names) - 1) / 2) * width,
+                vals,
+                width,
+                label=name,
+                color=colors.get(name),
+            )
+        ax.axhline(0, color="k", lw=0.6)
+        ax.axvline(len(sessions) - 0.5, color="k", lw=0.6, ls=":")
+        ax.set_ylabel(f"{label} (bits/spike)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(frameon=False, ncol=len(names))
+    axes[1].set_xticks(x, [*sessions, "mean"], rotation=30, ha="right")
+    bw = report["settings"]["bin_width"] * 1000
+    axes[0].set_title(
+        f"Masked reconstruction on each session's last 30% ({bw:g} ms bins): "
+        "MtM vs temporal-only masking vs smoothing"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
