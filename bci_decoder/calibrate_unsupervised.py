@@ -59,7 +59,7 @@ class UnsupervisedSettings:
     fit_session: bool = True  # also fit the new session's embedding (else: the mean row)
     batch_size: int = 8  # masked windows per step
     window: float | None = None  # s; None: the model's context
-    bin_width: float = 0.02
+    bin_width: float | None = None  # s; None: the bins the model's MtM head learned on
     schemes: dict[str, float] = field(default_factory=lambda: {s: 1.0 for s in SCHEMES})
     mask_ratio: float = 0.3
     forward_s: float = 0.2
@@ -86,6 +86,16 @@ def unlabelled_norm(decoder: Decoder, output: str) -> Normalizer:
         np.mean([n.mean for n in norms], 0).astype(np.float32),
         np.mean([n.std for n in norms], 0).astype(np.float32),
     )
+
+
+def trained_bin_width(decoder: Decoder) -> float:
+    """The count bin (s) the model's masked readout was trained on (its training config's
+    ``mtm.bin_width``, which ``mtm-head`` records too): a fit on other bins would score log-rates
+    the head never learned to give."""
+    mtm = decoder.info.get("train_config", {}).get("mtm") or {}
+    if "bin_width" not in mtm:
+        raise ValueError("the model does not say which bins its MtM head was trained on")
+    return float(mtm["bin_width"])
 
 
 def pick_output(decoder: Decoder, session: Session, output: str | None) -> str:
@@ -129,6 +139,7 @@ def fit_units_unsupervised(
         raise ValueError(
             f"calibration span {span[1] - span[0]:.1f} s is too short (need > {window + 0.5} s)"
         )
+    bin_width = st.bin_width or trained_bin_width(decoder)
     output = pick_output(decoder, session, st.output)
     warm = plan_for(decoder, session, st.warm_start, span)
     near = nearest_day_norm(decoder, session, warm, output) if warm is not None else None
@@ -149,7 +160,7 @@ def fit_units_unsupervised(
 
     mtm = MtMSettings(
         enabled=True,
-        bin_width=st.bin_width,
+        bin_width=bin_width,
         window=window,
         schemes=st.schemes,
         mask_ratio=st.mask_ratio,
@@ -173,7 +184,7 @@ def fit_units_unsupervised(
             log_rate,
             torch.from_numpy(batch["mtm_counts"]),
             torch.from_numpy(batch["mtm_scored"]),
-            st.bin_width,
+            bin_width,
         )
         factor = lr_factor(step, st.steps, st.warmup, st.lr_floor)
         for g, lr in zip(opt.param_groups, base_lrs, strict=True):
@@ -193,6 +204,7 @@ def fit_units_unsupervised(
             "labels": "none",
             "output": output,
             "lr": lr,
+            "bin_width": bin_width,
         }
     }
     return dec

@@ -80,12 +80,6 @@ class Study:
         for c in (self.cache, self.free_cache, self.baseline_cache):
             c.mkdir(parents=True, exist_ok=True)
 
-    @property
-    def bin_width(self) -> float:
-        """The masked objective's bin (s) the model was trained with (label-free fits use it)."""
-        mtm = self.decoder.info.get("train_config", {}).get("mtm", {})
-        return float(mtm.get("bin_width", 0.05))
-
     def held_out(self) -> list[str]:
         return list(self.decoder.info.get("train_config", {}).get("data", {}).get("exclude", []))
 
@@ -144,7 +138,7 @@ class Study:
                 fit_units_unsupervised,
             )
 
-            st = UnsupervisedSettings(output=output, bin_width=self.bin_width)
+            st = UnsupervisedSettings(output=output)  # the bins the MtM head learned on
             cal = fit_units_unsupervised(dec, session, span, st)
             return {
                 "r2": score_span(cal, session, output, split.test),

@@ -335,7 +335,7 @@ def test_label_free_calibration_fits_only_the_new_rows_without_behaviour(two_reg
         dec,
         new,
         (0.0, 20.0),
-        UnsupervisedSettings(steps=30, batch_size=4, lr=3e-2),
+        UnsupervisedSettings(steps=30, batch_size=4, lr=3e-2, bin_width=0.02),
         progress=lambda step, loss: losses.append(loss),
     )
     old = dec.model.state_dict()
@@ -369,6 +369,8 @@ def test_label_free_calibration_refuses_bad_input(two_regions):
         fit_units_unsupervised(dec, new, (100.0, 130.0))
     with pytest.raises(ValueError, match="too short"):
         fit_units_unsupervised(dec, new, (0.0, 0.8))
+    with pytest.raises(ValueError, match="which bins"):  # nor a default that may be wrong
+        fit_units_unsupervised(dec, new, (0.0, 20.0))
 
 
 def test_cli_calibrate_labels_none(tmp_path, two_regions):
@@ -424,7 +426,9 @@ def test_label_free_calibration_of_a_new_day_starts_from_the_earlier_day(two_reg
     dec.norms["other"] = {"hand_vel": dataclasses.replace(n1, mean=n1.mean + 5.0)}
     day2 = dataclasses.replace(day1, session_id="day2", behavior={})
     day2.recorded_at = "2020-01-02T00:00:00"
-    st = UnsupervisedSettings(steps=1, batch_size=2, lr=1e-9, warm_lr=1e-9, warmup=1.0)
+    st = UnsupervisedSettings(
+        steps=1, batch_size=2, lr=1e-9, warm_lr=1e-9, warmup=1.0, bin_width=0.02
+    )
     cal = fit_units_unsupervised(dec, day2, (0.0, 20.0), st)
     assert cal.info["warm_start"]["units_matched"] == day1.num_units
     assert cal.info["calibrated"]["lr"] == 1e-9  # warm: warm_lr
@@ -458,7 +462,7 @@ def test_cli_mtm_head_gives_a_supervised_model_a_masked_readout(tmp_path):
     res = CliRunner().invoke(
         app,
         ["mtm-head", "--model", str(tmp_path / "sup"), "--config", str(cfg_path),
-         "--out", str(tmp_path / "head"), "--steps", "3", "--bin-width", "0.02"],
+         "--out", str(tmp_path / "head"), "--steps", "3", "--bin-width", "0.05"],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     sup, head = Decoder.load(tmp_path / "sup"), Decoder.load(tmp_path / "head")
@@ -470,7 +474,11 @@ def test_cli_mtm_head_gives_a_supervised_model_a_masked_readout(tmp_path):
     assert head.info["train_config"]["mtm"]["head_only_steps"] == 3
     new = simulate_session(SimConfig(seed=9, num_sessions=1, duration_s=12, num_units=8), 0)
     new = dataclasses.replace(new, session_id="new_head", behavior={})
-    fit_units_unsupervised(head, new, (0.0, 12.0), UnsupervisedSettings(steps=2, batch_size=2))
+    cal = fit_units_unsupervised(
+        head, new, (0.0, 12.0), UnsupervisedSettings(steps=2, batch_size=2)
+    )
+    # label-free fits count spikes in the bins the head learned on, not a default
+    assert cal.info["calibrated"]["bin_width"] == 0.05
 
 
 def test_causal_mtm_latents_are_the_causal_decoders_latents():

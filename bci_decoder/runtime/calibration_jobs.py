@@ -220,11 +220,9 @@ def _label_free(spec: JobSpec, base: Any, s: Session, q: Any) -> None:
     labels there is nothing to score a held-out slice with, so no R² is reported."""
     from bci_decoder.calibrate_unsupervised import UnsupervisedSettings, fit_units_unsupervised
 
-    mtm = base.info.get("train_config", {}).get("mtm", {})
     st = UnsupervisedSettings(
-        steps=spec.steps, threads=spec.threads, seed=spec.seed, output=spec.output,
-        bin_width=float(mtm.get("bin_width", 0.02)),
-    )  # fmt: skip
+        steps=spec.steps, threads=spec.threads, seed=spec.seed, output=spec.output
+    )  # the bins: those the model's MtM head was trained on
     q.put(("phase", "label-free fit on the block's spikes (masked reconstruction)"))
 
     def progress(step: int, loss: float) -> None:
