@@ -394,60 +394,14 @@ def serve(
 
     Mutating calls need 'Authorization: Bearer TOKEN'; the token comes from the config,
     $BCI_DECODER_TOKEN, or is generated into <state_dir>/token at start-up."""
-    import yaml
+    from bci_decoder.serve import ServeError, run
 
-    from bci_decoder.runtime.processes import bind_port
-
-    default = Path("configs/serve.yaml")
-    if config is None and not default.exists():
-        _fail(
-            f"no config: {default} is not in {Path.cwd()}; pass --config FILE (the "
-            "repository's configs/serve.yaml is a template)"
-        )
-    path = config or default
-    overrides: dict = {}
-    for key, value in (("model", model), ("api.port", port), ("cadence_hz", cadence),
-                       ("autostart", autostart)):  # fmt: skip
-        if value is not None:
-            overrides[key] = value
-    if not path.exists():
-        _fail(f"no config file at {path}")
-    # the port first (from the YAML alone, before torch and the model load): busy, it is
-    # reported at once instead of after the start-up
+    # the `bci-decoder` script runs serve without this module (bci_decoder/serve.py); these
+    # options and that parser are held equal by tests/test_serve_startup.py
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-        api_raw = raw.get("api") if isinstance(raw, dict) else None
-        api_raw = api_raw if isinstance(api_raw, dict) else {}
-        peek = (
-            str(api_raw.get("host", "127.0.0.1")),
-            int(api_raw.get("port", 8765) if port is None else port),
-        )
-        sock = bind_port(*peek)
-    except OSError as e:
+        run(config, model, port, cadence, autostart)
+    except ServeError as e:
         _fail(str(e))
-    except (ValueError, TypeError, yaml.YAMLError):
-        sock = None  # the full load below says what is wrong
-    import uvicorn
-
-    from bci_decoder.api.app import create_app
-    from bci_decoder.runtime.daemon import Daemon, DaemonError
-    from bci_decoder.serve_config import load_serve_config
-
-    try:
-        cfg = load_serve_config(path, overrides)
-        if sock is None or peek != (cfg.api.host, cfg.api.port):
-            if sock is not None:
-                sock.close()
-            sock = bind_port(cfg.api.host, cfg.api.port)
-        api = create_app(cfg, Daemon(cfg))
-    except (FileNotFoundError, ValueError, DaemonError, OSError) as e:
-        _fail(str(e))
-    typer.echo(
-        f"bci-decoder serve: model {cfg.model}, {cfg.cadence_hz:g} Hz, REST on "
-        f"http://{cfg.api.host}:{sock.getsockname()[1]} (docs at /docs)"
-    )
-    server = uvicorn.Server(uvicorn.Config(api, log_level="warning"))
-    server.run(sockets=[sock])
 
 
 @app.command()

@@ -11,9 +11,15 @@ same figures for the import set alone (the console script's module, the app, the
 uvicorn; nothing built) are printed beside them.
 
 The poller reuses one HTTP client: a new ``httpx`` client per try builds an SSL context
-(milliseconds of CPU), which every 10 ms took a good part of a core from the daemon being
-timed on this 2-core machine. Run it at the nice level of the figures it is compared with
-(the JSON records the level and the load average before and after).
+(43 ms of CPU per refused try against 1.7 ms), so until the daemon had bound its socket
+the poller took most of a core from it on this 2-core machine. Run it at the nice level
+of the figures it is compared with (the JSON records the level and the load average
+before and after), with the package's bytecode current (``python -m compileall
+bci_decoder``, as an install leaves it: with PYTHONDONTWRITEBYTECODE set, stale ``.pyc``
+files are recompiled at every start; one run at load 4 gave a median of 1.46 s with
+them and 0.92 s without). ``--entry`` times another checkout, e.g. the code before a
+change from ``git archive HEAD bci_decoder | tar -x -C /tmp/before``, run from outside
+this folder with ``PYTHONPATH=/tmp/before --entry bci_decoder.cli:app``.
 
     nice -n 15 .venv/bin/python benchmarks/serve_startup.py --trials 15 \
         --json benchmarks/results/serve_startup.json
@@ -23,11 +29,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import httpx
@@ -50,13 +56,27 @@ IMPORTS = (
 )
 
 
+def script() -> Path:
+    return Path(sys.executable).with_name("bci-decoder")
+
+
 def entry_module() -> str:
-    """The module the ``bci-decoder`` console script imports."""
-    (ep,) = entry_points(group="console_scripts", name="bci-decoder")
-    return ep.module
+    """The module the ``bci-decoder`` console script imports (read from the script: an
+    old ``*.egg-info`` in the checkout can shadow the installed entry points)."""
+    m = re.search(r"^from (\S+) import", script().read_text(), re.M)
+    return m.group(1) if m else "?"
 
 
-def one_start(model: str, state: Path) -> dict:
+def command(entry: str | None) -> list[str]:
+    """The console script, or ``--entry MODULE:FUNCTION`` run as the script would run it
+    (to time another checkout through PYTHONPATH, from a folder outside this one)."""
+    if entry is None:
+        return [str(script())]
+    module, func = entry.split(":")
+    return [sys.executable, "-c", f"import sys; from {module} import {func}; sys.exit({func}())"]
+
+
+def one_start(model: str, state: Path, entry: str | None = None) -> dict:
     port = free_port()
     cfg = {"model": model, "models_dir": str(ROOT / "models"), "state_dir": str(state),
            "api": {"port": port, "token": "bench-token-0123"}, "behavior": None}  # fmt: skip
@@ -66,7 +86,7 @@ def one_start(model: str, state: Path) -> dict:
     with httpx.Client(timeout=1) as http:
         t0 = time.perf_counter()
         proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("bci-decoder")), "serve", "--config", str(path)],
+            [*command(entry), "serve", "--config", str(path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         try:
@@ -98,6 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default="poyo-mp-small")
     ap.add_argument("--trials", type=int, default=15)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--entry", default=None, metavar="MODULE:FUNCTION",
+                    help="start this instead of the bci-decoder script (e.g. an older "
+                    "checkout's bci_decoder.cli:app through PYTHONPATH)")  # fmt: skip
     ap.add_argument("--plot-only", type=Path, metavar="JSON",
                     help="redraw the PNG of an earlier run's JSON, run nothing")  # fmt: skip
     a = ap.parse_args(argv)
@@ -110,8 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for _ in range(a.trials):
         with tempfile.TemporaryDirectory() as d:
-            rows.append(one_start(a.model, Path(d)))
-    entry = entry_module()
+            rows.append(one_start(a.model, Path(d), a.entry))
+    entry = entry_module() if a.entry is None else a.entry.split(":")[0]
     out = subprocess.run([sys.executable, "-c", IMPORTS.replace("{entry}", entry)],
                          capture_output=True, text=True, check=True).stdout.split(maxsplit=2)  # fmt: skip
     imports = {"modules": f"{entry}, bci_decoder.api.app, bci_decoder.runtime.daemon, uvicorn",
@@ -133,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:24s}" + "".join(f"{s[k]:{fmt}}" for k in ("median", "p99", "min", "max")))
     print(f"imports alone: {imports['seconds']:.3f} s, {imports['gc_tracked_objects']} objects, "
           f"of {', '.join(HEAVY)} loaded: {imports['heavy_loaded']}")  # fmt: skip
-    payload = {"run": info, "model": a.model, "entry": entry, "trials": rows, "table": table,
+    payload = {"run": info, "model": a.model, "entry": a.entry or f"{script()} ({entry})", "trials": rows, "table": table,
                "imports": imports,
                "ready_s_median": table["start to ready (s)"]["median"],
                "ready_s_p99": table["start to ready (s)"]["p99"],

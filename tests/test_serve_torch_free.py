@@ -55,9 +55,8 @@ def write():  # every 0.2 s: what the process holds now (a stopped server may be
         time.sleep(0.2)
 
 threading.Thread(target=write, daemon=True).start()
-sys.argv = ["bci-decoder", "serve", "--config", sys.argv[2]]
-from bci_decoder.cli import app
-app()
+from bci_decoder.serve import main  # the bci-decoder console script's entry
+sys.exit(main(["serve", "--config", sys.argv[2]]))
 """
 
 

@@ -3,6 +3,7 @@ a dependency; ``create_app`` takes the settings so tests build their own."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -24,6 +25,10 @@ from bci_decoder.serve_config import ServeConfig
 log = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# The upload parsing worker is spawned this long after the daemon is built, not during
+# start-up: its spawn and imports took ~60 ms of start to ready on 2 busy cores
+# (benchmarks/serve_startup.py). An upload before then spawns it (UploadParser.pool).
+UPLOAD_WORKER_AFTER_S = 1.0
 
 
 def resolve_token(cfg: ServeConfig) -> str:
@@ -58,12 +63,15 @@ def create_app(cfg: ServeConfig, daemon: Daemon | None = None) -> FastAPI:
             log.warning("removed %s, left by a calibration that did not finish", gone)
         app.state.calibrations = calibrations.make_manager(d)
         app.state.uploads = UploadParser()
-        app.state.uploads.warm_up()  # spawn the parsing worker now, not at the first upload
+        warm = asyncio.get_running_loop().call_later(
+            UPLOAD_WORKER_AFTER_S, app.state.uploads.warm_up
+        )  # spawned before the first upload, not on it
         if cfg.autostart:
             d.start()
         try:
             yield
         finally:
+            warm.cancel()
             app.state.calibrations.close()
             app.state.uploads.close()
             d.close()
