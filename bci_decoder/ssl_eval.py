@@ -19,6 +19,7 @@ then a Poisson GLM per predicted unit fitted on the training part.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,8 +45,11 @@ class SSLEvalSettings:
     bin_width: float = 0.02
     forward_s: float = 0.2
     window: float | None = None  # None: the (first) model's context
-    smooth_sd_s: float = 0.05  # Gaussian kernel of the smoothing baseline
-    glm_l2: float = 1e-3
+    # the smoothing baseline's kernel sd (s) and GLM ridge: each combination is fitted on the
+    # first 80% of the training part and the one with the best Poisson likelihood on the
+    # rest is refitted on all of it (NLB tunes its smoothing baseline by cross-validation too)
+    smooth_sd_s: tuple[float, ...] = (0.025, 0.05, 0.1)
+    glm_l2: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
     max_windows: int = 120  # test windows per session, at most (evenly spread)
     batch_size: int = 16
     fixed: dict[str, Any] = field(default_factory=dict)
@@ -186,6 +190,38 @@ def glm_predict(model: tuple, x: np.ndarray) -> np.ndarray:
     return np.exp(np.clip(((x - mean) / sd) @ w + b, None, 20))
 
 
+def poisson_nll(rates: np.ndarray, counts: np.ndarray) -> float:
+    """Mean Poisson negative log-likelihood (constant term left out) of expected counts."""
+    r = np.clip(rates, 1e-9, None)
+    return float(np.mean(r - counts * np.log(r)))
+
+
+def tuned_glm(
+    features: Callable[[float], np.ndarray],
+    target: np.ndarray,
+    rows: np.ndarray,
+    st: SSLEvalSettings,
+) -> tuple[tuple, np.ndarray]:
+    """The smoothing baseline's GLM with its kernel sd and ridge chosen on held-back rows.
+
+    features(sd_s) -> (N, F) smoothed inputs of every bin; target (N, O) counts; rows (R,)
+    the training bins. Each (sd, l2) is fitted on the first 80% of ``rows`` and scored on the
+    rest; the best is refitted on all ``rows``. Returns (glm, features of the chosen sd)."""
+    cut = max(1, int(0.8 * len(rows)))
+    fit, val = rows[:cut], rows[cut:]
+    best = (np.inf, st.smooth_sd_s[0], st.glm_l2[0])
+    for sd_s in st.smooth_sd_s:
+        x = features(sd_s)
+        for l2 in st.glm_l2:
+            if len(st.smooth_sd_s) * len(st.glm_l2) == 1 or len(val) == 0:
+                break
+            nll = poisson_nll(glm_predict(fit_poisson_glm(x[fit], target[fit], l2), x[val]),
+                              target[val])  # fmt: skip
+            best = min(best, (nll, sd_s, l2))
+    x = features(best[1])
+    return fit_poisson_glm(x[rows], target[rows], best[2]), x
+
+
 def smoothing_rates(
     task: str,
     session: Session,
@@ -196,7 +232,6 @@ def smoothing_rates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The smoothing baseline's expected counts for the same entries as ``model_rates``."""
     counts, bin_ends = binned_session(session, st.bin_width)
-    sd = st.smooth_sd_s / st.bin_width
     T = int(round(window / st.bin_width))
     train_lo, train_hi = time_split(session).fit
     train = (bin_ends > train_lo + window) & (bin_ends <= train_hi)
@@ -208,23 +243,32 @@ def smoothing_rates(
     for hidden, scored in masks:
         if task == "forward":
             f = int(round(st.forward_s / st.bin_width))
-            # causal smoothing of the visible past: exponential kernel, state at the cut
-            alpha = 1.0 / max(sd, 1.0)
-            ema = lfilter([alpha], [1.0, alpha - 1.0], counts, axis=0)  # (N, U)
+
+            def ema(sd_s: float) -> np.ndarray:
+                # causal smoothing of the visible past: exponential kernel, state at the cut
+                alpha = 1.0 / max(sd_s / st.bin_width, 1.0)
+                return lfilter([alpha], [1.0, alpha - 1.0], counts, axis=0)  # (N, U)
+
             cut = np.flatnonzero(train)[:: max(1, f)]
             cut = cut[cut + f < len(counts)]
-            future = np.stack([counts[c + 1 : c + 1 + f].mean(0) for c in cut])
-            glm = fit_poisson_glm(ema[cut], future, st.glm_l2)
-            pred = glm_predict(glm, ema[rows[:, T - f - 1]])  # (W, U) per bin
+            future = np.zeros_like(counts)  # (N, U) mean count of the f bins after each bin
+            future[cut] = np.stack([counts[c + 1 : c + 1 + f].mean(0) for c in cut])
+            glm, x = tuned_glm(ema, future, cut, st)
+            pred = glm_predict(glm, x[rows[:, T - f - 1]])  # (W, U) per bin
             for w in range(len(ends)):
                 rates[w, T - f :] = pred[w]
                 obs[w, T - f :] = counts[rows[w, T - f :]]
             continue
         visible = ~hidden[:, 0]
         target = scored[:, 0]
-        smooth = gaussian_filter1d(counts[:, visible], sd, axis=0, mode="nearest")
-        glm = fit_poisson_glm(smooth[train], counts[train][:, target], st.glm_l2)
-        pred = glm_predict(glm, smooth[rows.reshape(-1)]).reshape(len(ends), T, -1)
+
+        def smooth(sd_s: float, visible: np.ndarray = visible) -> np.ndarray:
+            return gaussian_filter1d(
+                counts[:, visible], sd_s / st.bin_width, axis=0, mode="nearest"
+            )
+
+        glm, x = tuned_glm(smooth, counts[:, target], np.flatnonzero(train), st)
+        pred = glm_predict(glm, x[rows.reshape(-1)]).reshape(len(ends), T, -1)
         rates[:, :, target] = pred
         obs[:, :, target] = counts[rows][:, :, target]
     return rates, obs

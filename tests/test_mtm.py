@@ -21,7 +21,7 @@ from bci_decoder.data.simulate import SimConfig, simulate_session
 from bci_decoder.decode import WINDOW_KEYS, to_torch
 from bci_decoder.model.masking import MTM_KEYS, SCHEMES, collate_mtm, draw_mask, mask_window
 from bci_decoder.model.poyo import POYO, POYOConfig
-from bci_decoder.ssl_eval import SSLEvalSettings, evaluate_ssl, heldout_units
+from bci_decoder.ssl_eval import SSLEvalSettings, evaluate_ssl, heldout_units, tuned_glm
 from bci_decoder.tokenizer import collate_window, tokenize_window
 from bci_decoder.train.checkpoint import Decoder
 from bci_decoder.train.data import MtMSampler, MtMSource
@@ -300,10 +300,32 @@ def test_heldout_units_are_fixed():
     assert not np.array_equal(a, heldout_units(50, 0.2, 1))
 
 
+def test_tuned_glm_picks_the_kernel_the_held_back_bins_favour():
+    # 20 ms bins; every unit follows one latent that drifts over ~0.5 s, so a 10 ms kernel
+    # (no smoothing at all) predicts the target unit worse than a 200 ms one
+    from scipy.ndimage import gaussian_filter1d
+
+    rng = np.random.default_rng(0)
+    n, bw = 4000, 0.02
+    latent = gaussian_filter1d(rng.standard_normal(n), 25) * 25  # (N,) slow, sd about 1
+    rates = np.exp(0.8 * latent[:, None] + rng.uniform(-1.5, -0.5, 9))  # (N, 9) per bin
+    counts = rng.poisson(rates).astype(float)
+    visible, target = counts[:, :8], counts[:, 8:]
+
+    def smooth(sd_s: float) -> np.ndarray:
+        return gaussian_filter1d(visible, sd_s / bw, axis=0, mode="nearest")
+
+    st = SSLEvalSettings(bin_width=bw, smooth_sd_s=(0.01, 0.2), glm_l2=(1e-3,))
+    _, x = tuned_glm(smooth, target, np.arange(3000), st)
+    assert np.allclose(x, smooth(0.2))
+
+
 def test_evaluate_ssl_scores_every_task(two_regions):
     torch.manual_seed(0)
     dec = attach_mtm_head(_decoder_for(two_regions))
-    report = evaluate_ssl({"mtm": dec}, [two_regions], SSLEvalSettings(max_windows=8, batch_size=8))
+    one = {"smooth_sd_s": (0.05,), "glm_l2": (1e-3,)}  # no sweep: test_tuned_glm covers it
+    st = SSLEvalSettings(max_windows=8, batch_size=8, **one)
+    report = evaluate_ssl({"mtm": dec}, [two_regions], st)
     row = report["sessions"][two_regions.session_id]
     assert set(row) == {"mtm", "smoothing"}
     for name in row:
