@@ -31,7 +31,13 @@ from scipy.signal import lfilter
 from bci_decoder.data.session import Session, time_split
 from bci_decoder.decode import to_torch
 from bci_decoder.metrics import bits_per_spike, co_smoothing_bps, forward_prediction_bps
-from bci_decoder.model.masking import MTM_KEYS, SCHEMES, collate_mtm, mask_window
+from bci_decoder.model.masking import (
+    MTM_KEYS,
+    SCHEMES,
+    collate_mtm,
+    log_rate_prior,
+    mask_window,
+)
 from bci_decoder.train.checkpoint import Decoder
 
 TASKS = ("co_smoothing", "forward", "region")
@@ -112,6 +118,9 @@ def model_rates(
     unit_index = decoder.units.session_units(sid, session.unit_ids)
     reg = _regions(session)
     U, T = session.num_units, int(round(window / st.bin_width))
+    # each unit's mean rate over the training part: NLB gives the held-out units' training
+    # data too (the smoothing baseline fits its GLM on it)
+    prior = log_rate_prior(session.spike_times, session.spike_units, U, time_split(session).fit)
     rates = np.full((len(ends), T, U), np.nan)
     counts = np.full((len(ends), T, U), np.nan)
     model = decoder.model
@@ -132,6 +141,7 @@ def model_rates(
                     scheme,
                     np.random.default_rng(0),
                     fixed=(hidden, scored),
+                    log_prior=prior,
                 )
                 s.session = decoder.sessions[sid]
                 samples.append(s)

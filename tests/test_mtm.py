@@ -179,6 +179,30 @@ def test_masked_unit_differs_from_silent_unit(two_regions):
     assert (a - b).abs().max() > 1e-3
 
 
+def test_rate_prior_head_reads_each_units_mean_rate(two_regions):
+    """``mtm_rate_prior``: a unit's log-rate moves one for one with its prior (its mean rate
+    over the sampler's span, from spiking only); a head without it ignores the prior."""
+    from bci_decoder.model.masking import log_rate_prior
+
+    span = (0.0, 30.0)
+    prior = log_rate_prior(two_regions.spike_times, two_regions.spike_units, 24, span)
+    lo, hi = np.searchsorted(two_regions.spike_times, span, side="right")
+    n3 = np.sum(two_regions.spike_units[lo:hi] == 3)
+    assert prior[3] == pytest.approx(np.log((n3 + 0.5) / 30.0), rel=1e-5)
+    src = MtMSource(two_regions, 0, np.arange(1, 25), span)
+    _, batch = MtMSampler([src], 0.05, 0.5, MtMSettings(enabled=True, batch_size=2)).batch(0)
+    assert np.allclose(batch["mtm_log_prior"][0], prior)
+    shifted = dict(batch, mtm_log_prior=batch["mtm_log_prior"] + np.arange(24, dtype=np.float32))
+    for reads, expected in ((True, np.arange(24)), (False, np.zeros(24))):
+        torch.manual_seed(0)
+        cfg = MTM.model_copy(update={"mtm_rate_prior": reads})
+        model = POYO(cfg, num_units=25, num_sessions=1, outputs={"v": 2}).eval()
+        with torch.no_grad():
+            a = model(mode="mtm", **to_torch(batch, MTM_KEYS))
+            b = model(mode="mtm", **to_torch(shifted, MTM_KEYS))
+        assert np.allclose((b - a)[0].numpy(), expected[:, None], atol=1e-5)
+
+
 def test_forward_scheme_never_uses_spikes_after_the_cut(two_regions):
     """Causal scheme: outputs for the hidden (future) bins are the same whatever spikes lie
     after the cut, so an output at t uses spikes before it only."""

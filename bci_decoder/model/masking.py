@@ -42,6 +42,21 @@ class MtMSample:
     scheme: int  # index into SCHEMES
     session: int = 0
     t_end: float = 0.0
+    log_prior: np.ndarray | None = None  # (U,) float32 log mean rate (Hz) of each unit
+
+
+DEFAULT_LOG_RATE = float(np.log(10.0))  # a unit's log-rate (Hz) prior when none is given
+
+
+def log_rate_prior(
+    spike_times: np.ndarray, spike_units: np.ndarray, num_units: int, span: tuple[float, float]
+) -> np.ndarray:
+    """(U,) float32 log mean rate (Hz) of each unit over ``span``, from spikes sorted by time
+    (half a spike added so a silent unit's prior is finite). Spiking only: what a masked
+    readout may know of a unit without seeing the window's hidden entries."""
+    lo, hi = np.searchsorted(spike_times, span, side="right")
+    counts = np.bincount(np.asarray(spike_units[lo:hi]), minlength=num_units)[:num_units]
+    return np.log((counts + 0.5) / max(span[1] - span[0], 1e-9)).astype(np.float32)
 
 
 def bin_index(times: np.ndarray, t_end: float, window: float, bin_width: float) -> np.ndarray:
@@ -123,6 +138,7 @@ def mask_window(
     forward_s: float = 0.2,
     always_hidden: np.ndarray | None = None,
     fixed: tuple[np.ndarray, np.ndarray] | None = None,
+    log_prior: np.ndarray | None = None,
 ) -> MtMSample:
     """Mask the window (t_end - window, t_end] of one session.
 
@@ -130,7 +146,8 @@ def mask_window(
     vocabulary indices; regions (U,) int codes. ``always_hidden`` (U,) bool: units hidden
     and scored in every bin whatever the scheme (held-out units of an evaluation).
     ``fixed``: (hidden, scored) (U, T) masks to use instead of drawing the scheme's (an
-    evaluation's masks; ``scheme`` then only names the prompt).
+    evaluation's masks; ``scheme`` then only names the prompt). ``log_prior`` (U,): each
+    unit's log mean rate (``log_rate_prior``), for models that read it (``mtm_rate_prior``).
     """
     times = np.asarray(times, np.float64)
     local_units = np.asarray(local_units, np.int64)
@@ -169,6 +186,7 @@ def mask_window(
         marker=overlap @ hidden.T.astype(np.float32),
         scheme=SCHEMES.index(scheme),
         t_end=float(t_end),
+        log_prior=None if log_prior is None else np.asarray(log_prior, np.float32),
     )
 
 
@@ -188,6 +206,7 @@ def collate_mtm(samples: list[MtMSample]) -> dict[str, np.ndarray]:
         "mtm_marker": np.zeros((B, K, U), np.float32),
         "mtm_bin_time": np.stack([s.bin_time for s in samples]),
         "mtm_scheme": np.array([s.scheme for s in samples], np.int64),
+        "mtm_log_prior": np.full((B, U), DEFAULT_LOG_RATE, np.float32),
         "mtm_counts": np.zeros((B, U, T), np.float32),
         "mtm_hidden": np.zeros((B, U, T), bool),
         "mtm_scored": np.zeros((B, U, T), bool),
@@ -203,10 +222,12 @@ def collate_mtm(samples: list[MtMSample]) -> dict[str, np.ndarray]:
         batch["mtm_counts"][i, :u] = s.counts
         batch["mtm_hidden"][i, :u] = s.hidden
         batch["mtm_scored"][i, :u] = s.scored
+        if s.log_prior is not None:
+            batch["mtm_log_prior"][i, :u] = s.log_prior
     return batch
 
 
 MTM_KEYS = (
     "spike_unit spike_time spike_mask latent_time session mtm_units mtm_marker mtm_bin_time "
-    "mtm_scheme"
+    "mtm_scheme mtm_log_prior"
 ).split()

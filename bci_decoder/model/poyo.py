@@ -64,6 +64,12 @@ class POYOConfig(BaseModel):
     # trained in causal mode only never learned window latents: its label-free calibration
     # fitted through them scored R² -0.74 on spike_20120904 (zero-shot 0.22)
     mtm_latents: Literal["window", "causal"] = "window"
+    # the masked readout adds each unit's log mean rate over the data it came from
+    # (``mtm_log_prior``, spiking only) instead of one 10 Hz start for every unit: from
+    # scratch, unit rows start at std 0.02 and 1,000 steps left them so alike that the
+    # readout did not even learn the units' mean rates (co-smoothing below the null on all
+    # 8 real sessions); with the prior it learns the modulation only
+    mtm_rate_prior: bool = False
 
     @property
     def context_groups(self) -> int:
@@ -498,6 +504,7 @@ class POYO(nn.Module):
         mtm_marker: torch.Tensor,
         mtm_bin_time: torch.Tensor,
         mtm_scheme: torch.Tensor,
+        mtm_log_prior: torch.Tensor | None = None,
         **_: torch.Tensor,
     ) -> torch.Tensor:
         """Log-rates (Hz) of (unit, bin) pairs from the latents (``config.mtm_latents``:
@@ -507,7 +514,8 @@ class POYO(nn.Module):
         latent_time (B, K); mtm_units (B, U) vocabulary index of the units read out;
         mtm_marker (B, K, U): share of group k's span in which unit u is hidden, so a hidden
         unit is told apart from a silent one; mtm_bin_time (B, T) bin centres; mtm_scheme (B,)
-        index into ``SCHEMES`` (the prompt). Other batch entries are ignored.
+        index into ``SCHEMES`` (the prompt); mtm_log_prior (B, U) each unit's log mean rate
+        (Hz), read when ``config.mtm_rate_prior``. Other batch entries are ignored.
         """
         head = self.mtm
         if head is None:
@@ -538,6 +546,10 @@ class POYO(nn.Module):
         r = head.unit_out(unit_e)  # (B, U, D+1): readout direction and log-rate offset
         d = y.shape[-1]
         log_rate = torch.einsum("btd,bud->but", y, r[..., :d]) * d**-0.5
+        if self.config.mtm_rate_prior:
+            if mtm_log_prior is None:
+                raise ValueError("this MtM head reads each unit's log mean rate: mtm_log_prior")
+            return log_rate + r[..., d:] + mtm_log_prior[..., None]  # (B, U, T)
         return log_rate + r[..., d:] + head.log_rate0  # (B, U, T)
 
     # ------------------------------------------------------------------ vocabularies

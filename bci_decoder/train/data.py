@@ -12,7 +12,7 @@ import numpy as np
 
 from bci_decoder.config import MtMSettings, SamplerSettings
 from bci_decoder.data.session import Session
-from bci_decoder.model.masking import collate_mtm, mask_window
+from bci_decoder.model.masking import collate_mtm, log_rate_prior, mask_window
 from bci_decoder.tokenizer import (
     collate_causal,
     collate_window,
@@ -156,6 +156,11 @@ class MtMSource:
         """(U,) int code of each unit's brain area."""
         return np.unique(np.asarray(self.session.brain_areas), return_inverse=True)[1]
 
+    def log_prior(self) -> np.ndarray:
+        """(U,) log mean rate (Hz) of each unit over ``span`` (spiking only)."""
+        s = self.session
+        return log_rate_prior(s.spike_times, s.spike_units, s.num_units, self.span)
+
 
 class MtMSampler:
     """Masked windows for the MtM objective; every batch is a pure function of (seed, step).
@@ -184,6 +189,7 @@ class MtMSampler:
         p = np.array([settings.schemes[k] for k in names], dtype=np.float64)
         self.schemes, self.scheme_p = names, p / p.sum()
         self._regions = [s.regions for s in sources]
+        self._priors = [s.log_prior() for s in sources]
 
     def batch(self, step: int) -> tuple[str, dict[str, np.ndarray]]:
         rng = np.random.default_rng([self.seed, step, 23])
@@ -209,6 +215,7 @@ class MtMSampler:
                 r,
                 ratio=self.settings.mask_ratio,
                 forward_s=self.settings.forward_s,
+                log_prior=self._priors[j],
             )
             sample.session = src.session_index
             samples.append(sample)
