@@ -94,9 +94,41 @@ def run(
         f"http://{cfg.api.host}:{sock.getsockname()[1]} (docs at /docs)",
         flush=True,
     )
-    # no route is a websocket: ws="none" spares uvicorn looking for a websocket library
-    server = uvicorn.Server(uvicorn.Config(api, log_level="warning", ws="none"))
+    server = uvicorn.Server(uvicorn_config(api))
     server.run(sockets=[sock])
+
+
+def http_protocol() -> str:
+    """The HTTP parser uvicorn runs: httptools (C, llhttp), a core dependency.
+
+    The server's thread shares the GIL with the decode loop, and h11 (pure Python, what
+    uvicorn's ``http="auto"`` silently falls back to) holds it for every byte it parses:
+    a 300 MB chunked upload is refused only once 32 MB have passed the parser, and each
+    monitoring page's send goes through it (see ``api/routes/page.py``). Missing (an
+    install with ``--no-deps``, or a platform pip could not build it on) the daemon still
+    serves on h11, and says so.
+    """
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        print(
+            "bci-decoder serve: warning: httptools is not installed, so uvicorn parses HTTP "
+            "in pure Python (h11), on the GIL the decode loop needs; "
+            "`pip install httptools` (a core dependency of bci_decoder)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return "h11"
+    return "httptools"
+
+
+def uvicorn_config(app, **kw):
+    """The daemon's ``uvicorn.Config`` (tests/daemon_harness.py serves with it too)."""
+    import uvicorn
+
+    # no route is a websocket: ws="none" spares uvicorn looking for a websocket library
+    kw = {"log_level": "warning", "ws": "none", "http": http_protocol()} | kw
+    return uvicorn.Config(app, **kw)
 
 
 class _NotOurs(Exception):

@@ -18,6 +18,7 @@ from bci_decoder.api.app import create_app
 from bci_decoder.config import ServeConfig, StreamSettings
 from bci_decoder.runtime.daemon import Daemon
 from bci_decoder.runtime.processes import free_port
+from bci_decoder.serve import uvicorn_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789"
@@ -43,8 +44,9 @@ class LiveServer:
     def __init__(self, cfg: ServeConfig) -> None:
         self.cfg = cfg
         self.app = create_app(cfg)
+        # the daemon's own uvicorn settings (httptools), so tests measure what it serves with
         self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=cfg.api.port, log_level="warning")
+            uvicorn_config(self.app, host="127.0.0.1", port=cfg.api.port)
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{cfg.api.port}"
