@@ -425,7 +425,9 @@ def test_cli_calibrate_labels_none(tmp_path, two_regions):
     from bci_decoder.cli import app
 
     torch.manual_seed(0)
-    attach_mtm_head(_decoder_for(two_regions)).save(tmp_path / "model")
+    dec = attach_mtm_head(_decoder_for(two_regions))
+    dec.info = {"train_config": {"mtm": {"bin_width": 0.02}}}  # as training records it
+    dec.save(tmp_path / "model")
     new = simulate_session(SimConfig(seed=8, num_sessions=1, duration_s=30, num_units=10), 0)
     write_nwb(dataclasses.replace(new, session_id="fresh"), tmp_path / "fresh.nwb")
     runner = CliRunner()
