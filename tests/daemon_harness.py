@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import numpy as np
 import uvicorn
 
 from bci_decoder.api.app import create_app
@@ -45,9 +46,7 @@ class LiveServer:
         self.cfg = cfg
         self.app = create_app(cfg)
         # the daemon's own uvicorn settings (httptools), so tests measure what it serves with
-        self.server = uvicorn.Server(
-            uvicorn_config(self.app, host="127.0.0.1", port=cfg.api.port)
-        )
+        self.server = uvicorn.Server(uvicorn_config(self.app, host="127.0.0.1", port=cfg.api.port))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{cfg.api.port}"
         self.http = httpx.Client(base_url=self.url, timeout=30.0)
@@ -103,3 +102,28 @@ def wait_for(cond, timeout: float, what: str):
             return got
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+class SeqSpikes:
+    """Pushes spikes to a spike outlet as (unit, seq) rows, seq counting every spike sent,
+    so a gap LSL made would show; ``stream`` sends 20 plausible spikes every 10 ms."""
+
+    def __init__(self, outlet, num_units: int, seed: int = 0) -> None:
+        self.outlet, self.num_units = outlet, num_units
+        self.rng = np.random.default_rng(seed)
+        self.seq = 0
+
+    def push(self, stamps, units) -> None:
+        rows = np.stack([units, self.seq + np.arange(len(units))], 1).astype(np.int32)
+        self.seq += len(units)
+        self.outlet.push_chunk(rows, np.asarray(stamps, np.float64).tolist())
+
+    def stream(self, seconds: float) -> None:
+        from bci_decoder.runtime.decode_loop import lsl_clock
+
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            now = lsl_clock()
+            ages = np.sort(self.rng.uniform(0, 0.009, 20))[::-1]
+            self.push(now - ages, self.rng.integers(0, self.num_units, 20))
+            time.sleep(0.01)

@@ -21,7 +21,7 @@ from bci_decoder.runtime import spike_source
 from bci_decoder.runtime.client import StreamRecorder
 from bci_decoder.runtime.decode_loop import lsl_clock
 from bci_decoder.runtime.lsl_io import spike_stream_info
-from tests.daemon_harness import ROOT, LiveServer, serve_config
+from tests.daemon_harness import ROOT, LiveServer, SeqSpikes, serve_config
 from tests.daemon_harness import wait_for as _wait
 
 pytestmark = pytest.mark.slow
@@ -196,21 +196,8 @@ def test_bad_timestamps_and_units_are_counted_and_output_stays_finite(labels, st
         out = pylsl.StreamOutlet(spike_stream_info("bad", cfg.spikes.source_id, labels, SESSION))
         srv.post("/decoder/start")
         assert out.wait_for_consumers(10)
-        rng = np.random.default_rng(0)
-        seq = 0
-
-        def push(stamps: np.ndarray, units: np.ndarray) -> None:
-            nonlocal seq
-            rows = np.stack([units, seq + np.arange(len(units))], 1).astype(np.int32)
-            seq += len(units)
-            out.push_chunk(rows, np.asarray(stamps, np.float64).tolist())
-
-        def stream(seconds: float) -> None:
-            end = time.monotonic() + seconds
-            while time.monotonic() < end:
-                now = lsl_clock()
-                push(now - np.sort(rng.uniform(0, 0.009, 20))[::-1], rng.integers(0, nunits, 20))
-                time.sleep(0.01)
+        spikes = SeqSpikes(out, nunits)
+        push, stream = spikes.push, spikes.stream
 
         stream(1.0)
         _wait(lambda: srv.status()["state"] == "running", 20, "running")

@@ -21,7 +21,7 @@ from bci_decoder.runtime.lsl_io import spike_stream_info
 from bci_decoder.runtime.processes import free_port, wait_http
 from bci_decoder.runtime.recorder import open_recording, read_rejected, summary
 from bci_decoder.runtime.replay import Replayer
-from tests.daemon_harness import ROOT, TOKEN, LiveServer, serve_config
+from tests.daemon_harness import ROOT, TOKEN, LiveServer, SeqSpikes, serve_config
 
 pytestmark = pytest.mark.slow
 
@@ -168,21 +168,8 @@ def test_rejected_spikes_are_recorded_with_their_reason(state_dir, tmp_path):
         out = pylsl.StreamOutlet(spike_stream_info("bad", cfg.spikes.source_id, labels, "sim7_s0"))
         srv.post("/decoder/start")
         assert out.wait_for_consumers(10)
-        rng = np.random.default_rng(0)
-        seq = 0
-
-        def push(stamps, units) -> None:  # (unit, seq) rows: a gap LSL made would show
-            nonlocal seq
-            rows = np.stack([units, seq + np.arange(len(units))], 1).astype(np.int32)
-            seq += len(units)
-            out.push_chunk(rows, np.asarray(stamps, np.float64).tolist())
-
-        def stream(seconds: float) -> None:
-            end = time.monotonic() + seconds
-            while time.monotonic() < end:
-                now = lsl_clock()
-                push(now - np.sort(rng.uniform(0, 0.009, 20))[::-1], rng.integers(0, nunits, 20))
-                time.sleep(0.01)
+        spikes = SeqSpikes(out, nunits)
+        push, stream = spikes.push, spikes.stream
 
         stream(0.5)
         for _ in range(3):
