@@ -25,9 +25,11 @@ per page, send) about 75 us per page per message. So:
 
 After these (``benchmarks/results/page_cost.txt``, load 6-14): 2 ms/s with no page, 9-11
 with 5; per message a snapshot 0.26 ms, encoding 0.08 ms (3.9 KB), and 0.14 ms per page to
-send, which is now most of it: uvicorn speaks HTTP through h11 (pure Python) since
-httptools is not installed, and each send is a socket write. Every batch still showed a
-missed deadline or a few more with 5 pages (within the runs' spread, not significant).
+send, which is now most of it. Every batch still showed a missed deadline or a few more
+with 5 pages (within the runs' spread, not significant). uvicorn then parsed HTTP with
+h11 (pure Python); with httptools (``serve.http_protocol``) uvicorn's thread took 9.9 ms/s
+with 5 pages vs 10.4 on h11 at the same load (4): the sends are socket writes and ASGI
+plumbing, not parsing. At load 3-4 both parsers showed 0 missed with 5 pages or none.
 
 A slow page drops its oldest messages (it keeps the newest ``QUEUE``); it never holds the
 producer or the other pages up.
