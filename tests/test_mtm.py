@@ -203,6 +203,24 @@ def test_rate_prior_head_reads_each_units_mean_rate(two_regions):
         assert np.allclose((b - a)[0].numpy(), expected[:, None], atol=1e-5)
 
 
+def test_unit_norm_readout_tells_nearly_alike_rows_apart():
+    """``mtm_unit_norm``: rows as alike as freshly trained ones (std 0.02) still get readout
+    directions about as different as two random unit vectors; without it they nearly share
+    one (the readout's bias)."""
+    torch.manual_seed(0)
+    rows = torch.randn(50, 32) * 0.02  # (U, D)
+    cos = {}
+    for norm in (False, True):
+        cfg = MTM.model_copy(update={"mtm_unit_norm": norm})
+        model = POYO(cfg, num_units=51, num_sessions=1, outputs={"v": 2})
+        head = model.mtm
+        unit_in = head.unit_norm(rows) if head.unit_norm is not None else rows
+        with torch.no_grad():
+            r = torch.nn.functional.normalize(head.unit_out(unit_in)[:, :32], dim=1)
+        cos[norm] = float((r @ r.T).triu(1).abs().sum() / (50 * 49 / 2))
+    assert cos[False] > 0.9 and cos[True] < 0.5, cos
+
+
 def test_forward_scheme_never_uses_spikes_after_the_cut(two_regions):
     """Causal scheme: outputs for the hidden (future) bins are the same whatever spikes lie
     after the cut, so an output at t uses spikes before it only."""
