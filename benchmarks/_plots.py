@@ -242,6 +242,214 @@ def offline_throughput(res: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+# ------------------------------------------------------------------ baselines_real
+BASELINE_STYLE = {
+    "wiener": ("Wiener", "tab:blue"),
+    "kalman": ("Kalman", "tab:purple"),
+    "gru": ("GRU", OURS),
+    "gru_previous": ("GRU, pre-tuning defaults", "tab:orange"),
+}
+
+
+def baselines_real(res: dict, path: Path) -> Path:
+    """Held-out R² of each classical baseline on each real session, our fits as bars and
+    the reference (the data README's Wiener, issue 8's GRU) as black ticks on them."""
+    plt = _pyplot()
+    rows = res["rows"]
+    names = [n for n in BASELINE_STYLE if any(n in r for r in rows)]
+    ref = res.get("reference") or {}
+    fig, a = plt.subplots(figsize=(max(8, 1.3 * len(rows) + 2), 4.3))
+    width = 0.8 / len(names)
+    x = np.arange(len(rows))
+    ticked = False
+    for k, n in enumerate(names):
+        label, colour = BASELINE_STYLE[n]
+        xs = x + (k - (len(names) - 1) / 2) * width
+        v = [r[n]["r2"] if n in r else np.nan for r in rows]
+        a.bar(xs, v, width * 0.95, color=colour, label=f"{label} (ours)")
+        for xi, r in zip(xs, rows, strict=True):
+            rv = ref.get(n, {}).get(r["session"])
+            if rv is not None:
+                a.hlines(rv, xi - width * 0.5, xi + width * 0.5, color="k", lw=2.2,
+                         label=None if ticked else "reference R²")  # fmt: skip
+                ticked = True
+    a.set_xticks(x, [f"{r['session']}\n({r['units']} units)" for r in rows], fontsize=7)
+    a.axhline(0, color="k", lw=0.6)
+    a.set_ylim(min(0.0, np.nanmin([r[n]["r2"] for r in rows for n in names if n in r])), 1.0)
+    a.set_ylabel("held-out R² (last 30%)")
+    a.legend(fontsize=7, loc="lower left", ncol=len(names) + 1)
+    fit = res.get("fit_seconds")
+    fit_s = f"fit on the first {fit:g} s" if fit else "fit on the first 70%"
+    a.set_title(f"Classical baselines on {len(rows)} real sessions, causal features, {fit_s}\n"
+                f"({res.get('torch_threads', 1)} torch thread, "
+                f"{res.get('machine', {}).get('cpus', '?')}-CPU machine)", fontsize=10)  # fmt: skip
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ calibration
+def calibration(res: dict, path: Path) -> Path:
+    """Missed deadlines and p99 step time before and during an online calibration, with
+    the decode threads at real-time priority (ours) beside normal scheduling."""
+    plt = _pyplot()
+    arms = [("real-time priority " + str(res.get("realtime_priority", "")), res, OURS)]
+    if res.get("normal"):
+        arms.append(("normal scheduling", res["normal"], BASE))
+    fig, ax = plt.subplots(1, 3, figsize=(11, 3.8))
+    phases = [("before", "decoding\nbefore"), ("during", "during\ncalibration")]
+    width = 0.8 / len(arms)
+    for k, (label, d, colour) in enumerate(arms):
+        xs = np.arange(2) + (k - (len(arms) - 1) / 2) * width
+        pct = [100 * d[f"missed_{p}"] / d[f"steps_{p}"] for p, _ in phases]
+        b = ax[0].bar(xs, pct, width * 0.95, color=colour, label=label)
+        ax[0].bar_label(b, [f"{d[f'missed_{p}']:.0f}/{d[f'steps_{p}']:.0f}" for p, _ in phases],
+                        fontsize=7)  # fmt: skip
+        b = ax[1].bar(xs, [d[f"p99_{p}_ms"] for p, _ in phases], width * 0.95, color=colour)
+        ax[1].bar_label(b, fmt="%.1f", fontsize=7)
+        b = ax[2].bar([k], [d["gap_at_swap_ms"]], 0.6, color=colour)
+        ax[2].bar_label(b, fmt="%.0f", fontsize=7)
+    for a in ax[:2]:
+        a.set_xticks(range(2), [t for _, t in phases], fontsize=8)
+    ax[0].set_ylabel("missed deadlines (% of steps)")
+    ax[0].legend(fontsize=7, loc="upper left")
+    ax[1].axhline(1000.0 / res["cadence_hz"], color=GOAL, ls="--", lw=0.8,
+                  label="step period")  # fmt: skip
+    ax[1].set_ylabel("p99 step time (ms)")
+    ax[1].legend(fontsize=7, loc="lower right")
+    ax[2].set_xticks(range(len(arms)), [lbl.replace(" priority", "\npriority") for lbl, _, _
+                                         in arms], fontsize=8)  # fmt: skip
+    ax[2].set_ylabel("largest output gap at the model swap (ms)")
+    for a in ax:
+        a.set_ylim(0, None)
+    fig.suptitle(f"Online calibration while decoding: {res['units']} units at "
+                 f"{res['cadence_hz']:g} Hz, {res['calibration_seconds']:g} s of data, median of "
+                 f"{res.get('repeats', 1)} runs; R² after the swap {res['r2_after']:.2f}"
+                 + (f" (normal: {res['normal']['r2_after']:.2f})" if res.get("normal") else ""),
+                 fontsize=10)  # fmt: skip
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ live_vs_offline
+def live_vs_offline(res: dict, path: Path) -> Path:
+    """R² of the live daemon's outputs beside the offline decode of the same span."""
+    plt = _pyplot()
+    fig, a = plt.subplots(figsize=(6, 3.8))
+    v = [res["live_r2"], res["offline_r2"]]
+    b = a.bar([0, 1], v, 0.6, color=[OURS, BASE])
+    a.bar_label(b, fmt="%.3f", fontsize=9)
+    a.set_xticks([0, 1], ["live daemon\n(LSL in, outputs recorded)",
+                          "offline decode\n(same model, same span)"], fontsize=8)  # fmt: skip
+    a.set_ylim(0, 1.0)
+    a.set_ylabel("R² against the recorded behaviour")
+    span = res["span_s"][1] - res["span_s"][0]
+    a.set_title(f"Live vs offline on {res['session']}, {span:.0f} s at "
+                f"{res['cadence_hz']:g} Hz: difference {res['difference']:+.3f}\n"
+                f"{res['missed']} of {res['steps']} deadlines missed, "
+                f"{res['dropped']} spikes dropped", fontsize=10)  # fmt: skip
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ multi_vs_single
+def multi_vs_single(res: dict, path: Path) -> Path:
+    """Per session: the multi-session model (ours) beside a single-session model."""
+    plt = _pyplot()
+    rows = res["rows"]
+    fig, a = plt.subplots(figsize=(max(5.5, 2.2 * len(rows) + 1.5), 3.8))
+    x = np.arange(len(rows))
+    m = rows[0]
+    b = a.bar(x - 0.2, [r["multi_r2"] for r in rows], 0.38, color=OURS,
+              label=f"multi-session model ({m['multi_steps']} steps)")  # fmt: skip
+    a.bar_label(b, fmt="%.3f", fontsize=8)
+    b = a.bar(x + 0.2, [r["single_r2"] for r in rows], 0.38, color=BASE,
+              label=f"trained on this session only ({m['single_steps']} steps)")  # fmt: skip
+    a.bar_label(b, fmt="%.3f", fontsize=8)
+    a.set_xticks(x, [r["session"] for r in rows], fontsize=8)
+    a.set_ylim(0, 1.0)
+    a.set_ylabel("held-out R²")
+    a.legend(fontsize=7, loc="upper left")
+    a.set_title("One model for many sessions vs one model per session", fontsize=10)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ recorder_replay
+def recorder_replay(res: dict, path: Path) -> Path:
+    """What was sent or produced beside what the recording file holds, per stream."""
+    plt = _pyplot()
+    streams = [("spikes", res["replayed"]["spikes"]), ("behavior", res["replayed"]["behavior"]),
+               ("outputs", res["status"]["steps_final"])]  # fmt: skip
+    fig, a = plt.subplots(figsize=(7, 3.8))
+    x = np.arange(len(streams))
+    sent = np.array([n for _, n in streams], dtype=float)
+    kept = np.array([res["file_counts"][s] for s, _ in streams], dtype=float)
+    b = a.bar(x - 0.2, sent, 0.38, color=BASE, label="sent / decoded by the daemon")
+    a.bar_label(b, [f"{n:,.0f}" for n in sent], fontsize=7)
+    b = a.bar(x + 0.2, kept, 0.38, color=OURS, label="in the recording file")
+    a.bar_label(b, [f"{n:,.0f}" for n in kept], fontsize=7)
+    a.set_xticks(x, [s for s, _ in streams])
+    a.set_yscale("log")
+    a.set_ylim(1, sent.max() * 8)
+    a.set_ylabel("samples (log)")
+    a.legend(fontsize=7, loc="upper right")
+    ok = "all kept, spikes identical" if all(res["verdict"].values()) else "LOSS"
+    a.set_title(f"Recorder: {res['seconds']:.0f} s replayed into the daemon, "
+                f"{res['file_mb']:.1f} MB file, read back in {res['read_s'] * 1e3:.0f} ms\n"
+                f"{ok}; lost {sum(res['lost'].values())} (the daemon missed "
+                f"{res['status']['missed']} of {res['status']['steps_final']} deadlines on "
+                f"{res.get('info', {}).get('cpus', '?')} loaded CPUs)", fontsize=10)  # fmt: skip
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ train_throughput
+def train_throughput(res: dict, path: Path) -> Path:
+    """Training samples/s and supervised targets/s of each of our arms beside torch_brain."""
+    plt = _pyplot()
+    rows = res["rows"]
+    cfg = res["config"]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    y = np.arange(len(rows))
+    colours = [BASE if r["arm"] == "torch_brain" else OURS for r in rows]
+    for a, key, unit in ((ax[0], "samples_per_s", "samples/s"),
+                         (ax[1], "targets_per_s", "targets/s")):  # fmt: skip
+        v = [r[key] for r in rows]
+        b = a.barh(y, v, color=colours)
+        a.bar_label(b, fmt="%.1f", fontsize=7, padding=2)
+        a.set_xscale("log")
+        a.set_xlim(min(v) / 2, max(v) * 6)
+        a.set_xlabel(f"training {unit} (log)")
+    ax[0].set_yticks(y, [f"{r['arm']}\n{r['sample']}" for r in rows], fontsize=7)
+    ax[0].invert_yaxis()
+    fig.suptitle(f"Training throughput, batch {cfg['batch']}, {cfg['threads']} torch thread(s), "
+                 f"{cfg['units']} units ({cfg['data']}); grey: torch_brain POYO",
+                 fontsize=10)  # fmt: skip
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ zero_shot_axes
+def zero_shot_axes(res: dict, path: Path) -> Path:
+    """Per session, correlation of each decoded output dimension with each true one."""
+    plt = _pyplot()
+    sess = res["sessions"]
+    fig, ax = plt.subplots(1, len(sess), figsize=(3.4 * len(sess) + 1, 3.6), squeeze=False)
+    for a, (name, d) in zip(ax[0], sess.items(), strict=True):
+        c = np.asarray(d["corr"], dtype=float)
+        im = a.imshow(c, cmap="RdBu_r", vmin=-1, vmax=1)
+        for (i, j), v in np.ndenumerate(c):
+            a.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+        a.set_xticks(range(c.shape[1]))
+        a.set_yticks(range(c.shape[0]))
+        a.set_xlabel(f"true {d['output']} dim")
+        a.set_ylabel("decoded dim")
+        a.set_title(f"{name}\nR² {d['r2']:.2f}, axes "
+                    f"{'match' if d['axes_match'] else 'SWAPPED'}", fontsize=8)  # fmt: skip
+    fig.colorbar(im, ax=ax[0].tolist(), label="correlation", shrink=0.8)
+    fig.suptitle(f"Zero-shot {Path(res.get('model', '')).name}: which true axis each decoded "
+                 "axis follows", fontsize=10)  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    print(f"wrote {path}")
+    return path
+
+
 KINDS = {
     "load_soak": load_soak,
     "engine_latency": engine_latency,
@@ -249,6 +457,13 @@ KINDS = {
     "swap_gap": swap_gap,
     "serve_startup": serve_startup,
     "offline_throughput": offline_throughput,
+    "baselines_real": baselines_real,
+    "calibration": calibration,
+    "live_vs_offline": live_vs_offline,
+    "multi_vs_single": multi_vs_single,
+    "recorder_replay": recorder_replay,
+    "train_throughput": train_throughput,
+    "zero_shot_axes": zero_shot_axes,
 }
 
 

@@ -200,7 +200,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (figures depend on it)")
     ap.add_argument("--jobs", type=int, default=1, help="sessions scored in parallel processes")
     ap.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
+    ap.add_argument("--plot-only", type=Path, metavar="JSON",
+                    help="redraw the PNG of an earlier run's JSON, run nothing")  # fmt: skip
     args = ap.parse_args()
+    if args.plot_only:
+        from benchmarks._plots import plot_only
+
+        plot_only("baselines_real", args.plot_only)
+        return
     torch.set_num_threads(args.threads)
     which = tuple(w.strip() for w in args.which.split(",") if w.strip())
     load_before = os.getloadavg()
@@ -231,6 +238,9 @@ def main() -> None:
             "reference": REFERENCE if args.fit_seconds is None else None,
         }
         args.json.write_text(json.dumps({**meta, "rows": rows}, indent=2))
+        from benchmarks._plots import draw
+
+        draw("baselines_real", {**meta, "rows": rows}, args.json)
         args.json.with_suffix(".txt").write_text(
             f"{meta['command']}\ncommit {meta['commit']}, {args.threads} torch thread(s) per "
             f"session, {args.jobs} session(s) at a time, "

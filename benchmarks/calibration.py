@@ -64,7 +64,14 @@ def main() -> None:
                     help="each repeat also runs the daemon at normal priority, right after")  # fmt: skip
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench-calibration")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot-only", type=Path, metavar="JSON",
+                    help="redraw the PNG of an earlier run's JSON, run nothing")  # fmt: skip
     a = ap.parse_args()
+    if a.plot_only:
+        from benchmarks._plots import plot_only
+
+        plot_only("calibration", a.plot_only)
+        return
     print(f"load average at start: {os.getloadavg()}")
     arms = {"configured": a.realtime_priority or None}
     if a.compare_normal and a.realtime_priority:
@@ -90,6 +97,9 @@ def main() -> None:
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(result, indent=1))
+        from benchmarks._plots import draw
+
+        draw("calibration", result, a.json)
 
 
 if __name__ == "__main__":

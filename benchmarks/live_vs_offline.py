@@ -120,7 +120,14 @@ def main() -> None:
     ap.add_argument("--model", default="poyo-mp-small")
     ap.add_argument("--cadence", type=float, default=100.0)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot-only", type=Path, metavar="JSON",
+                    help="redraw the PNG of an earlier run's JSON, run nothing")  # fmt: skip
     a = ap.parse_args()
+    if a.plot_only:
+        from benchmarks._plots import plot_only
+
+        plot_only("live_vs_offline", a.plot_only)
+        return
     with tempfile.TemporaryDirectory(prefix="lvo-") as tmp:
         r = run(a.data, a.seconds, a.start, a.model, a.cadence, Path(tmp))
     print(
@@ -132,6 +139,9 @@ def main() -> None:
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(r, indent=1))
+        from benchmarks._plots import draw
+
+        draw("live_vs_offline", r, a.json)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "single")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--plot-only", type=Path, metavar="JSON",
+                    help="redraw the PNG of an earlier run's JSON, run nothing")  # fmt: skip
     args = ap.parse_args()
+    if args.plot_only:
+        from _plots import plot_only
+
+        plot_only("multi_vs_single", args.plot_only)
+        return
 
     multi = Decoder.load(args.multi)
     rows = []
@@ -75,6 +82,9 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"rows": rows}, indent=1))
+        from _plots import draw
+
+        draw("multi_vs_single", {"rows": rows}, args.json)
 
 
 if __name__ == "__main__":

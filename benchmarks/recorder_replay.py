@@ -15,6 +15,7 @@ to what the replayer sent, outputs equal to the steps, nothing lost.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -89,7 +90,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seconds", type=float, default=300.0)
     ap.add_argument("--model", default="poyo-mp-small")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot-only", type=Path, metavar="JSON",
+                    help="redraw the PNG of an earlier run's JSON, run nothing")  # fmt: skip
     a = ap.parse_args(argv)
+    if a.plot_only:
+        from _plots import plot_only
+
+        plot_only("recorder_replay", a.plot_only)
+        return json.loads(a.plot_only.read_text())
     info = run_info()
     res = run(a.seconds, a.model)
     s, f = res["status"], res["file_counts"]
@@ -112,6 +120,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(res["verdict"])
     write_json(a.json, res)
+    from _plots import draw
+
+    draw("recorder_replay", res, a.json)
     return res
 
 

@@ -397,11 +397,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--profile", type=int, default=0, help="after timing, profile N steps of each arm"
     )
+    p.add_argument("--plot-only", type=Path, metavar="JSON",
+                   help="redraw the PNG of an earlier run's JSON, run nothing")  # fmt: skip
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.plot_only:
+        from benchmarks._plots import plot_only
+
+        plot_only("train_throughput", args.plot_only)
+        return json.loads(args.plot_only.read_text())
     torch.set_num_threads(args.threads)
     wanted = [a.strip() for a in args.arms.split(",") if a.strip()]
     load0 = os.getloadavg()
@@ -524,6 +531,9 @@ def main(argv: list[str] | None = None) -> dict:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
+        from benchmarks._plots import draw
+
+        draw("train_throughput", result, args.json)
     return result
 
 

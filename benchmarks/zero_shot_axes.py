@@ -57,9 +57,18 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--model", type=Path, default=Path("models/poyo-mp-transfer-s2"))
-    ap.add_argument("--sessions", nargs="+", required=True)
+    ap.add_argument("--sessions", nargs="+")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--plot-only", type=Path, metavar="JSON",
+                    help="redraw the PNG of an earlier run's JSON, run nothing")  # fmt: skip
     args = ap.parse_args()
+    if args.plot_only:
+        from _plots import plot_only
+
+        plot_only("zero_shot_axes", args.plot_only)
+        return
+    if not args.sessions:
+        ap.error("--sessions is required")
     torch.set_num_threads(1)
     dec = Decoder.load(args.model)
     rows = {}
@@ -69,7 +78,11 @@ def main() -> None:
         cells = "  ".join(" ".join(f"{c:+.2f}" for c in row) for row in r["corr"])
         flag = "" if r["axes_match"] else "   <- axes differ from the learned day"
         print(f"{sid:<24} {r['output']:<10} {r['r2']:>12.3f}  {cells}{flag}")
-    write_json(args.json, run_info() | {"model": str(args.model), "sessions": rows})
+    res = run_info() | {"model": str(args.model), "sessions": rows}
+    write_json(args.json, res)
+    from _plots import draw
+
+    draw("zero_shot_axes", res, args.json)
 
 
 if __name__ == "__main__":
