@@ -57,7 +57,15 @@ def main() -> None:
         help="s; default: the config's mtm.bin_width (the bins the models were trained on)",
     )
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--plot-only", type=Path, metavar="JSON", help="redraw the PNG of an existing result"
+    )
     args = ap.parse_args()
+    if args.plot_only:
+        print(
+            f"picture: {plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix('.png'))}"
+        )
+        return
     torch.set_num_threads(1)
     load0 = os.getloadavg()
     print(f"load average at start: {load0}")
@@ -101,7 +109,7 @@ def plot(report: dict, path: Path) -> Path:
     sessions = list(report["sessions"])
     names = list(next(iter(report["sessions"].values())))
     colors = {"mtm": "tab:red", "temporal-only": "tab:orange", "smoothing": "0.5"}
-    fig, axes = plt.subplots(2, 1, figsize=(max(7, 1.1 * len(sessions) + 2), 7), sharex=True)
+    fig, axes = plt.subplots(2, 1, figsize=(max(9, 1.1 * len(sessions) + 2), 7), sharex=True)
     x = np.arange(len(sessions) + 1)
     width = 0.8 / len(names)
     for ax, task, label in zip(
@@ -128,8 +136,8 @@ def plot(report: dict, path: Path) -> Path:
     axes[1].set_xticks(x, [*sessions, "mean"], rotation=30, ha="right")
     bw = report["settings"]["bin_width"] * 1000
     axes[0].set_title(
-        f"Masked reconstruction on each session's last 30% ({bw:g} ms bins): "
-        "MtM vs temporal-only masking vs smoothing"
+        f"Masked reconstruction, each session's last 30% ({bw:g} ms bins)\n"
+        "MtM vs temporal-only masking vs the smoothing baseline (higher is better)"
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
