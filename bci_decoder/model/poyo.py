@@ -67,7 +67,7 @@ class POYOConfig(BaseModel):
     # the masked readout adds each unit's log mean rate over the data it came from
     # (``mtm_log_prior``, spiking only) instead of one 10 Hz start for every unit: from
     # scratch, unit rows start at std 0.02 and 1,000 steps left them so alike that the
-    # readout did not even learn the units' mean rates (co-smoothing below the null on all
+    # readout did not even learn the units' mean rates (co-smoothing under 0.06 bps on all
     # 8 real sessions, mean -0.024 bps); with the prior: -0.001 (configs/mtm-real.yaml)
     mtm_rate_prior: bool = False
     # the readout reads each unit through a LayerNorm of its row: rows trained from std 0.02
