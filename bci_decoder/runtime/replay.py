@@ -119,8 +119,12 @@ class Replayer(threading.Thread):
         self.log: ReplayLog | None = None
         self.progress = 0.0
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 5.0) -> None:
+        """Stop sending; wait up to ``wait_s`` for the thread to end, so ``log`` (what was
+        sent) is there when this returns."""
         self._stop_event.set()
+        if wait_s > 0 and self.is_alive() and threading.current_thread() is not self:
+            self.join(wait_s)
 
     def wait_for_consumers(self, timeout: float) -> bool:
         return self.spike_outlet.wait_for_consumers(timeout)
