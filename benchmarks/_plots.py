@@ -450,6 +450,56 @@ def zero_shot_axes(res: dict, path: Path) -> Path:
     return path
 
 
+# ------------------------------------------------------------------ mtm_ssl
+def mtm_ssl(res: dict, path: Path) -> Path:
+    """Co-smoothing and forward-prediction bps per session: MtM (ours), temporal-only
+    masking and the smoothing baseline side by side."""
+    plt = _pyplot()
+    sessions = list(res["sessions"])
+    names = list(next(iter(res["sessions"].values())))
+    colours = {"mtm": OURS, "temporal-only": "tab:orange", "smoothing": BASE}
+    fig, axes = plt.subplots(2, 1, figsize=(max(9, 1.1 * len(sessions) + 2), 7), sharex=True)
+    x = np.arange(len(sessions) + 1)
+    width = 0.8 / len(names)
+    tasks = (("co_smoothing", "co-smoothing"), ("forward", "forward prediction"))
+    for a, (task, label) in zip(axes, tasks, strict=True):
+        for i, name in enumerate(names):
+            vals = [res["sessions"][s][name].get(task, np.nan) for s in sessions]
+            vals.append(res["mean"][name].get(task, np.nan))
+            a.bar(x + (i - (len(names) - 1) / 2) * width, vals, width, label=name,
+                  color=colours.get(name))  # fmt: skip
+        a.axhline(0, color="k", lw=0.6)
+        a.axvline(len(sessions) - 0.5, color="k", lw=0.6, ls=":")
+        a.set_ylabel(f"{label} (bits/spike)")
+        a.grid(axis="y", alpha=0.3)
+    axes[0].legend(frameon=False, ncol=len(names))
+    axes[1].set_xticks(x, [*sessions, "mean"], rotation=30, ha="right")
+    bw = res["settings"]["bin_width"] * 1000
+    axes[0].set_title(f"Masked reconstruction, each session's last 30% ({bw:g} ms bins)\n"
+                      "MtM vs temporal-only masking vs the smoothing baseline (higher is "
+                      "better)")  # fmt: skip
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ mtm_label_free
+def mtm_label_free(res: dict, path: Path) -> Path:
+    """R² of each calibration of the new session: label-free (ours) beside the fits given
+    labels (supervised, Wiener) and the uncalibrated floor."""
+    plt = _pyplot()
+    names = list(res["results"])
+    r2 = [res["results"][n]["r2"] for n in names]
+    colours = [OURS if n.startswith("label-free") else "0.8" if n.startswith("uncalibrated")
+               else BASE for n in names]  # fmt: skip
+    fig, a = plt.subplots(figsize=(8, 0.5 * len(names) + 1.5))
+    a.barh(names, r2, color=colours)
+    a.axvline(0, color="k", lw=0.6)
+    a.invert_yaxis()
+    a.set_xlabel("test R² on the last 30% (causal)")
+    a.set_title(f"New session {res['session']}: label-free (red) vs given labels (grey)")
+    a.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
 KINDS = {
     "load_soak": load_soak,
     "engine_latency": engine_latency,
@@ -464,6 +514,8 @@ KINDS = {
     "recorder_replay": recorder_replay,
     "train_throughput": train_throughput,
     "zero_shot_axes": zero_shot_axes,
+    "mtm_ssl": mtm_ssl,
+    "mtm_label_free": mtm_label_free,
 }
 
 

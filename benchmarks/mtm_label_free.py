@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _plots import draw
 
 from bci_decoder.baselines import evaluate_baselines
 from bci_decoder.calibrate import CalibrationSettings, add_session, fit_units, score_span
@@ -138,38 +139,7 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
-        print(f"picture: {plot(report, args.json.with_suffix('.png'))}")
-
-
-def plot(report: dict, path: Path) -> Path:
-    """R² of each calibration of the new session, label-free ones in red, those given labels
-    (supervised, Wiener) in grey, the uncalibrated floor in light grey."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(report["results"])
-    r2 = [report["results"][n]["r2"] for n in names]
-    colors = [
-        "tab:red"
-        if n.startswith("label-free")
-        else "0.8"
-        if n.startswith("uncalibrated")
-        else "0.45"
-        for n in names
-    ]
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1.5))
-    ax.barh(names, r2, color=colors)
-    ax.axvline(0, color="k", lw=0.6)
-    ax.invert_yaxis()
-    ax.set_xlabel("test R² on the last 30% (causal)")
-    ax.set_title(f"New session {report['session']}: label-free (red) vs given labels (grey)")
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        draw("mtm_label_free", report, args.json)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from _plots import draw, plot_only
 
 from bci_decoder.config import load_train_config
 from bci_decoder.ssl_eval import SSLEvalSettings, evaluate_ssl, format_table
@@ -62,9 +63,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.plot_only:
-        print(
-            f"picture: {plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix('.png'))}"
-        )
+        plot_only("mtm_ssl", args.plot_only)
         return
     torch.set_num_threads(1)
     load0 = os.getloadavg()
@@ -95,55 +94,7 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
-        print(f"picture: {plot(report, args.json.with_suffix('.png'))}")
-
-
-def plot(report: dict, path: Path) -> Path:
-    """Co-smoothing and forward-prediction bps per session, the three models side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    sessions = list(report["sessions"])
-    names = list(next(iter(report["sessions"].values())))
-    colors = {"mtm": "tab:red", "temporal-only": "tab:orange", "smoothing": "0.5"}
-    fig, axes = plt.subplots(2, 1, figsize=(max(9, 1.1 * len(sessions) + 2), 7), sharex=True)
-    x = np.arange(len(sessions) + 1)
-    width = 0.8 / len(names)
-    for ax, task, label in zip(
-        axes,
-        ("co_smoothing", "forward"),
-        ("co-smoothing bps", "forward-prediction bps"),
-        strict=True,
-    ):
-        for i, name in enumerate(names):
-            vals = [report["sessions"][s][name].get(task, np.nan) for s in sessions]
-            vals.append(report["mean"][name].get(task, np.nan))
-            ax.bar(
-                x + (i - (len(names) - 1) / 2) * width,
-                vals,
-                width,
-                label=name,
-                color=colors.get(name),
-            )
-        ax.axhline(0, color="k", lw=0.6)
-        ax.axvline(len(sessions) - 0.5, color="k", lw=0.6, ls=":")
-        ax.set_ylabel(f"{label} (bits/spike)")
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(frameon=False, ncol=len(names))
-    axes[1].set_xticks(x, [*sessions, "mean"], rotation=30, ha="right")
-    bw = report["settings"]["bin_width"] * 1000
-    axes[0].set_title(
-        f"Masked reconstruction, each session's last 30% ({bw:g} ms bins)\n"
-        "MtM vs temporal-only masking vs the smoothing baseline (higher is better)"
-    )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        draw("mtm_ssl", report, args.json)
 
 
 if __name__ == "__main__":

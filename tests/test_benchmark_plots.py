@@ -35,6 +35,9 @@ CASES = [
     ("train_throughput", "train_throughput_1thread"),
     ("train_throughput", "train_throughput_2threads"),
     ("zero_shot_axes", "zero_shot_axes"),
+    ("mtm_ssl", "mtm_ssl"),
+    ("mtm_ssl", "mtm_ssl_real"),
+    ("mtm_ssl", "mtm_ssl_real_prior_only"),
 ]
 # a diagnostic with no "ours vs baseline": a correlation heat map, not our colour
 NO_OURS = {"zero_shot_axes"}
