@@ -219,15 +219,14 @@ def tuned_glm(
     rest; the best is refitted on all ``rows``. Returns (glm, features of the chosen sd)."""
     cut = max(1, int(0.8 * len(rows)))
     fit, val = rows[:cut], rows[cut:]
-    best = (np.inf, st.smooth_sd_s[0], st.glm_l2[0])
-    for sd_s in st.smooth_sd_s:
-        x = features(sd_s)
-        for l2 in st.glm_l2:
-            if len(st.smooth_sd_s) * len(st.glm_l2) == 1 or len(val) == 0:
-                break
-            nll = poisson_nll(glm_predict(fit_poisson_glm(x[fit], target[fit], l2), x[val]),
-                              target[val])  # fmt: skip
-            best = min(best, (nll, sd_s, l2))
+    grid = [(sd_s, l2) for sd_s in st.smooth_sd_s for l2 in st.glm_l2]
+    best = (np.inf, *grid[0])
+    if len(grid) > 1 and len(val):
+        for sd_s in st.smooth_sd_s:
+            x = features(sd_s)
+            for l2 in st.glm_l2:
+                glm = fit_poisson_glm(x[fit], target[fit], l2)
+                best = min(best, (poisson_nll(glm_predict(glm, x[val]), target[val]), sd_s, l2))
     x = features(best[1])
     return fit_poisson_glm(x[rows], target[rows], best[2]), x
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bci_decoder.subjects import unit_rates_hz
+
 SCHEMES = ("neuron", "temporal", "causal", "intra_region", "inter_region")
 
 
@@ -54,9 +56,8 @@ def log_rate_prior(
     """(U,) float32 log mean rate (Hz) of each unit over ``span``, from spikes sorted by time
     (half a spike added so a silent unit's prior is finite). Spiking only: what a masked
     readout may know of a unit without seeing the window's hidden entries."""
-    lo, hi = np.searchsorted(spike_times, span, side="right")
-    counts = np.bincount(np.asarray(spike_units[lo:hi]), minlength=num_units)[:num_units]
-    return np.log((counts + 0.5) / max(span[1] - span[0], 1e-9)).astype(np.float32)
+    rates = unit_rates_hz(spike_times, np.asarray(spike_units), num_units, span)
+    return np.log(rates + 0.5 / max(span[1] - span[0], 1e-9)).astype(np.float32)
 
 
 def bin_index(times: np.ndarray, t_end: float, window: float, bin_width: float) -> np.ndarray:
