@@ -87,6 +87,10 @@ class ServeConfig(BaseModel):
     mode: Literal["causal", "window"] = "causal"
     backend: Literal["onnx"] = "onnx"  # the torch reference runs in tests, never served
     onnx_threads: int = Field(1, ge=1)
+    # spikes one latent group (50 ms for the shipped models) may hold; more are dropped
+    # and counted as overflow. 16,384 covers 2,000 units at 160 Hz; the buffer costs
+    # 2 x capacity x heads x 32 float32 (4 MB here) and a step reads only the rows in use
+    max_spikes_per_group: int = Field(16_384, ge=64, le=1_048_576)
     cadence_hz: float = Field(100.0, gt=0, le=2000)
     safe_output: Literal["hold", "zero"] = "hold"  # what is sent while the stream is stalled
     stall_after_s: float = Field(0.5, gt=0)  # no spike for this long: stalled

@@ -298,7 +298,8 @@ class Daemon:
         pkg, unit_map = plan["package"], plan["unit_map"]
         self.tables = plan["tables"]
         engine = StreamingEngine(pkg, plan["session"], plan["output"], mode=self.cfg.mode,
-                                 intra_op_threads=self.cfg.onnx_threads)  # fmt: skip
+                                 intra_op_threads=self.cfg.onnx_threads,
+                                 max_spikes_per_group=self.cfg.max_spikes_per_group)  # fmt: skip
         sess = getattr(engine.runner, "session", None)
         if sess is not None:
             self.providers = list(sess.get_providers())
