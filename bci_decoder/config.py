@@ -35,6 +35,10 @@ class SamplerSettings(BaseModel):
     window_fraction: float = 0.25  # share of batches trained in window mode
     unit_dropout: float = 0.5  # probability that a sample drops units
     min_keep: float = 0.6  # fraction of units kept at least, when dropping
+    # session-id glob -> factor on its share of batches (after the sqrt-duration weights),
+    # e.g. {"jango_2016*": 4.0}: a stage that leans on some sessions without dropping the
+    # rest from the model's vocabulary
+    session_boost: dict[str, float] = Field(default_factory=dict)
 
 
 class OptimConfig(BaseModel):

@@ -214,3 +214,16 @@ def test_channel_tie_pulls_a_subjects_same_channel_rows_together():
     assert float(tie.loss(emb).detach()) < 0.5 * before
     assert float((emb[r1] - emb[r2]).detach().norm()) < 0.5 * spread0
     assert torch.allclose((emb[r1] + emb[r2]).detach() / 2, mean0, atol=1e-5)
+
+
+def test_session_boost_multiplies_matching_sessions_shares_and_refuses_typos():
+    from bci_decoder.train.data import boost_factors
+
+    ids = ["jango_20160626_wfiso", "jango_20160711_wfiso", "spike_20120718_wf", "sim7_s0"]
+    f = boost_factors(ids, {"jango_*": 4.0, "*_20160711_*": 0.5})
+    assert f.tolist() == [4.0, 2.0, 1.0, 1.0]
+    assert boost_factors(ids, {}).tolist() == [1.0] * 4
+    with pytest.raises(ValueError, match="matches no training session"):
+        boost_factors(ids, {"jnago_*": 4.0})
+    with pytest.raises(ValueError, match="must be > 0"):
+        boost_factors(ids, {"jango_*": 0.0})

@@ -6,6 +6,7 @@ batch across ranks, so 2 processes see exactly what 1 process sees.
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,21 @@ class SessionSource:
         return s.spike_times, self.unit_index[s.spike_units]
 
 
+def boost_factors(session_ids: list[str], boost: dict[str, float]) -> np.ndarray:
+    """Each session's factor from ``SamplerSettings.session_boost`` (the product of the
+    factors of every glob it matches; 1 where none does). A glob that matches no session
+    or a factor <= 0 is an error, not a silent no-op."""
+    f = np.ones(len(session_ids))
+    for pattern, factor in boost.items():
+        if not factor > 0:
+            raise ValueError(f"session_boost[{pattern!r}] must be > 0, not {factor}")
+        hit = np.array([fnmatch.fnmatchcase(sid, pattern) for sid in session_ids], bool)
+        if not hit.any():
+            raise ValueError(f"session_boost pattern {pattern!r} matches no training session")
+        f[hit] *= factor
+    return f
+
+
 class BatchSampler:
     def __init__(
         self,
@@ -68,6 +84,7 @@ class BatchSampler:
             ]
             raise ValueError(f"sessions shorter than one training sequence: {short}")
         w = np.sqrt(durations)  # long sessions get more, but not all, of the batches
+        w = w * boost_factors([s.session.session_id for s in sources], cfg.session_boost)
         self.weights = w / w.sum()
         self._spikes = [s.spikes() for s in sources]
 
