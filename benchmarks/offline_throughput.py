@@ -2,7 +2,10 @@
 the streaming engine (``decode.decode_stream``, the path ``evaluate`` uses in causal mode:
 the same ONNX graphs, unit tables and state as live decoding), side by side with the
 torch reference (``decode.decode_causal``, chunks of 40 groups) on a slice of the same
-session, extrapolated to the hour. The slice also checks that both agree.
+session, extrapolated to the hour. The slice also checks that both agree. The engine
+decodes the hour once per ``--workers`` count (1: one thread; 2: the recording cut in two,
+a twin engine on the first half in a thread, ``runtime/offline.py``), and the rows say
+how far the two-worker output is from the one-worker output.
 
     .venv/bin/python benchmarks/offline_throughput.py --json out/offline.json
     .venv/bin/python benchmarks/offline_throughput.py --minutes 5 --units 100   # quicker
@@ -28,8 +31,9 @@ for p in (ROOT, ROOT / "benchmarks"):
 from engine_latency import CONFIGS, stream  # noqa: E402
 
 from bci_decoder.config import TrainConfig  # noqa: E402
-from bci_decoder.decode import decode_causal, decode_stream, session_tokens  # noqa: E402
+from bci_decoder.decode import decode_causal, session_tokens, stream_start  # noqa: E402
 from bci_decoder.export.onnx_export import in_memory_package  # noqa: E402
+from bci_decoder.runtime.engine import StreamingEngine, UnitTables  # noqa: E402
 from bci_decoder.train.loop import build_decoder  # noqa: E402
 
 
@@ -43,6 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--hop-ms", type=float, default=10.0)
     ap.add_argument("--torch-seconds", type=float, default=60.0, help="slice for the reference")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (engine, torch)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                    help="engine decodes, one per worker count (offline.py's split)")  # fmt: skip
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot-only", type=Path, metavar="JSON",
                     help="redraw the PNG of an earlier run's JSON, run nothing")  # fmt: skip
@@ -62,9 +68,18 @@ def main(argv: list[str] | None = None) -> dict:
     in_memory_package(dec)  # the one-off export, timed apart (cached per graph weights)
     export_s = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    z = decode_stream(dec, s, "hand_vel", q, threads=args.threads)
-    engine_s = time.perf_counter() - t0
+    # decode.decode_stream's engine (session unit order, 3 s burn-in), with workers given
+    engine = StreamingEngine(dec, s.session_id, "hand_vel", intra_op_threads=args.threads)
+    engine.set_units(UnitTables.from_decoder(dec, s.session_id, "hand_vel", list(s.unit_ids)))
+    start = stream_start(q[0], 3.0, dec.config.latent_step)
+    engine_s, outs = {}, {}
+    for w in args.workers:
+        t0 = time.perf_counter()
+        outs[w] = engine.decode(
+            s.spike_times, s.spike_units, q, start=start, normalised=True, workers=w
+        )
+        engine_s[w] = time.perf_counter() - t0
+    z = outs[args.workers[0]]
 
     qs = q[q < q[0] + args.torch_seconds]  # the reference on a slice
     times, units, sidx = session_tokens(dec, s)
@@ -75,12 +90,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = [
         {
-            "impl": "engine",
+            "impl": "engine" if w == 1 else f"engine_{w}workers",
+            "workers": w,
             "seconds_decoded": seconds,
             "queries": int(q.size),
-            "wall_s": engine_s,
-            "hour_s": engine_s * 3600.0 / seconds,
-        },
+            "wall_s": engine_s[w],
+            "hour_s": engine_s[w] * 3600.0 / seconds,
+            "max_diff_vs_first_over_std": float(np.abs(outs[w] - z).max() / z.std()),
+        }
+        for w in args.workers
+    ] + [
         {
             "impl": "torch_chunked",
             "seconds_decoded": float(qs[-1] - qs[0]),

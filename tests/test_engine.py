@@ -170,6 +170,33 @@ def test_offline_decode_equals_streaming(setup):
     )
 
 
+def test_two_worker_decode_equals_one(setup):
+    """``decode(workers=2)`` (a twin engine on the first half in a thread, this one on
+    the second from its warm-up on) equals one pass: outputs, counters and end state."""
+    _, session, _ = setup
+    queries = 0.5 + 0.01 * np.arange(2_500) + 0.0003
+    one, two = engine(setup), engine(setup)
+    two.MIN_SPLIT_GROUPS = 0  # the 30 s session is shorter than a split is worth
+    t, u = session.spike_times, session.spike_units
+    a = one.decode(t, u, queries, normalised=True, workers=1)
+    b = two.decode(t, u, queries, normalised=True, workers=2)
+    assert getattr(two, "_twin", None) is not None  # it did split
+    assert np.abs(a - b).max() <= 1e-5 * a.std()
+    sa, sb = one.stats(), two.stats()
+    assert (sa.steps, sa.spikes, sa.groups_finished, sa.rejected) == (
+        sb.steps,
+        sb.spikes,
+        sb.groups_finished,
+        sb.rejected,
+    )
+    # the end state is one pass's: streaming on from the last query agrees
+    j = np.searchsorted(t, queries[-1], side="right")
+    for eng in (one, two):
+        eng.push(t[j : j + 200], u[j : j + 200])
+    tq = float(t[j + 199])
+    assert np.abs(one.step(tq) - two.step(tq)).max() <= 1e-5 * one.norm.std.max()
+
+
 def test_set_units_swaps_tables_mid_stream(setup):
     """Spikes pushed after ``set_units`` use the new table, earlier ones keep theirs:
     equal to offline decoding where the spikes after the swap have new vocabulary rows

@@ -5,9 +5,26 @@ with the same engine state and graphs. Causal mode runs all queries of a group p
 group's finish in one run of the batch graph (the same computation with B queries as
 rows); window mode steps. A mixin of ``StreamingEngine`` (its buffers, tables and
 runners), kept apart because streaming never runs it.
+
+Both cores (``workers=2``): a long recording is cut in two at a group boundary; a twin
+engine decodes the first half in a thread while this engine decodes the second, started
+``warm_up_groups`` earlier. A finished
+group's layer-l cache rows depend only on the spikes of itself and the l·(W-1) groups
+before it (each layer sees W-1 finished groups), and a query reads the last layer's rows
+of the W-1 groups before its own, so after (depth+1)·(W-1) groups the second half's
+state equals the one-pass state and its outputs equal one pass's (to float rounding:
+only the ring's slot order differs). ONNX Runtime releases the GIL while it runs, which
+is most of the time. ``tests/test_engine.py`` holds the two-worker output equal to one.
+Measured on the shared 2-core VM (shipped size, 200 units, 10 ms hop, 120-150 s decoded,
+interleaved): with the load average at 5.5-12 (both cores busy with other work) two
+workers took 1.0-1.7x one worker's wall time, and ONNX Runtime's two intra-op threads
+3.7x; so one worker stays the default and the split is asked for where a core is free
+(``benchmarks/offline_throughput.py --workers 1 2`` measures both on the machine at hand).
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -25,11 +42,14 @@ class OfflineDecoding:
         *,
         start: float | None = None,
         normalised: bool = False,
+        workers: int = 1,
     ) -> np.ndarray:
         """Predictions (Q, D) at sorted ``query_times`` from a whole recording, equal to
         pushing every spike up to each query and calling ``step`` (the engine is reset
         first, to ``start`` if given). Causal mode runs each group's queries and its
-        finish as one batch; window mode steps. ``normalised``: z-scores."""
+        finish as one batch; window mode steps. ``normalised``: z-scores.
+        ``workers``: 2 decodes a causal recording of at least ``MIN_SPLIT_GROUPS``
+        groups on two threads (module docstring)."""
         tab = self._tables
         q = np.asarray(query_times, dtype=np.float64).reshape(-1)
         if np.any(np.diff(q) < 0):
@@ -48,17 +68,93 @@ class OfflineDecoding:
                     self.push(times[j : ends[i]], units[j : ends[i]])
                     j = ends[i]
                 out[i] = self.step(t)
-        else:
+        elif not self._decode_split(times, units, q, out, start, workers):
             self._decode_causal(times, units, q, out)
         return tab.norm.forward(out) if normalised else out
 
+    # a split costs a twin engine (~0.3 s) and warm_up_groups more groups: worth it from
+    # about 100 s of recording on
+    MIN_SPLIT_GROUPS = 2000
+
+    @property
+    def warm_up_groups(self) -> int:
+        """Groups before a later start after which its state equals one pass's."""
+        return (self.depth + 1) * max(self.W - 1, 1) + 1
+
+    def _decode_split(self, times, units, q, out, start, workers) -> bool:
+        """``decode`` in causal mode on two threads (module docstring); False (nothing
+        done) when one worker is asked for or the recording is too short to gain."""
+        if workers < 2 or self.backend != "onnx" or self.fixed_shapes:
+            return False
+        s, warm = self.step_s, self.warm_up_groups
+        g_q = grid_index(q, s)
+        first = self._group  # set by reset(start), else the first spike's or query's group
+        if first is None:
+            first = int(g_q[0]) if not len(times) else min(int(g_q[0]), _grid_index(times[0], s))
+        ngroups = int(g_q[-1]) - first + 1
+        if ngroups < max(self.MIN_SPLIT_GROUPS, 4 * warm):
+            return False
+        g_mid = first + (ngroups + warm) // 2  # the second half also runs its warm-up
+        i_mid = int(np.searchsorted(g_q, g_mid))
+        if i_mid == 0 or i_mid == q.size:
+            return False
+        twin = getattr(self, "_twin", None)
+        if twin is not None:
+            twin.set_units(self._tables)
+        else:
+            twin = type(self)(
+                self.package,
+                self._tables.session_id,
+                mode="causal",
+                max_spikes_per_group=self.capacity,
+                max_spikes_per_window=self.ring_capacity,
+                intra_op_threads=self._intra_op_threads,
+                providers=self._providers,
+                tables=self._tables,
+            )
+            self._twin = twin
+        failed: list[BaseException] = []
+
+        def first_half() -> None:
+            try:
+                twin.reset(start)
+                twin._decode_causal(times, units, q[:i_mid], out[:i_mid])
+            except BaseException as e:  # raised again in the calling thread
+                failed.append(e)
+
+        twin._steps = twin._spikes = twin._groups_finished = 0
+        twin._rejected = dict.fromkeys(twin._rejected, 0)
+        thread = threading.Thread(target=first_half, name="decode-first-half")
+        thread.start()
+        try:
+            # this engine: the second half, from its warm-up on (its end state is the
+            # one-pass end state); the warm-up's spikes and groups are the twin's to count
+            self.reset((g_mid - warm) * s - 0.5 * s)
+            self._decode_causal(times, units, q[i_mid:], out[i_mid:], count_from=g_mid)
+        finally:
+            thread.join()
+        if failed:
+            raise failed[0]
+        self._steps += twin._steps
+        self._spikes += twin._spikes
+        self._groups_finished += twin._groups_finished
+        for k, v in twin._rejected.items():
+            self._rejected[k] += v
+        return True
+
     def _decode_causal(
-        self, times: np.ndarray, units: np.ndarray, q: np.ndarray, out: np.ndarray
+        self,
+        times: np.ndarray,
+        units: np.ndarray,
+        q: np.ndarray,
+        out: np.ndarray,
+        count_from: int | None = None,
     ) -> None:
         """``decode`` in causal mode. Spikes are rotated a chunk of groups at a time (the
         same ``_rotate``, vectorised over ~10^4 spikes); then per group one run of the
         batch graph computes its queries and, as its last row block, the group's finish,
-        whose cache rows go into the ring as in streaming."""
+        whose cache rows go into the ring as in streaming. ``count_from``: the first
+        group whose spikes and finish the counters count (a warm-up's are not)."""
         tab = self._tables
         if tab is not self._bound_tables:
             self._bind_tables(tab)
@@ -103,8 +199,9 @@ class OfflineDecoding:
             tq[ends] = g * s
             ga = np.asarray(sp_edges[c0 : c1 + 1]) - a0  # each group's first spike
             cnt = np.minimum(np.diff(ga), self.capacity)  # as streaming: first `capacity`
-            self._rejected["overflow"] += int((np.diff(ga) - cnt).sum())
-            self._spikes += int(cnt.sum())
+            counted = slice(None) if count_from is None else g >= count_from
+            self._rejected["overflow"] += int((np.diff(ga) - cnt)[counted].sum())
+            self._spikes += int(cnt[counted].sum())
             seen = np.minimum(np.searchsorted(tc, tq, side="right") - ga[rows], cnt[rows])
             seen[ends] = cnt
             # unit-embedding sum of each row's spikes: float64 segment sums between the
@@ -160,7 +257,7 @@ class OfflineDecoding:
                 out[qa : qa + B - 1] = pred[:-1, tab.out_slice] * tab.norm.std + tab.norm.mean
                 self._steps += B - 1
                 self._write_cache(int(g[i]), new)
-                self._groups_finished += 1
+                self._groups_finished += count_from is None or int(g[i]) >= count_from
                 r0 = r1
         self._group, self._count = last + 1, 0
         self._last_step = float(q[-1])
