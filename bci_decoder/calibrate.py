@@ -25,6 +25,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -294,10 +295,12 @@ def fine_tune(
     stage: SecondStage,
     steps: int,
     eval_span: tuple[float, float] | None = None,
+    progress: Callable[[int, float], None] | None = None,
 ) -> tuple[Decoder, list[tuple[int, float]]]:
     """Fine-tune ``dec`` (which already knows ``session``) on ``span`` for ``steps``
     steps; with ``eval_span``, also score it every ``stage.eval_every`` steps and return
-    the best of those models with the curve [(step, R²)] (step 0 = the input model)."""
+    the best of those models with the curve [(step, R²)] (step 0 = the input model).
+    ``progress(step, loss)`` after each step, as ``fit_units``'s."""
     dec = dec.clone()
     model = dec.model
     trainable = [
@@ -327,6 +330,8 @@ def fine_tune(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
+        if progress is not None:
+            progress(step + 1, float(loss.detach()))
         if eval_span is not None and (step + 1) % stage.eval_every == 0:
             model.eval()
             r = score_span(dec, session, output, eval_span)
@@ -349,6 +354,9 @@ def adapt(
     settings: CalibrationSettings | None = None,
     stage: SecondStage | None = None,
     progress: Callable[[str], None] | None = None,
+    steps: Callable[[str, int, int, float], None] | None = None,
+    parallel: bool = False,
+    refit: bool = True,
 ) -> tuple[Decoder, dict[str, Any]]:
     """Few-shot adaptation that uses what the block offers.
 
@@ -361,49 +369,102 @@ def adapt(
        identification on the whole block followed by the second stage for the number of
        steps that scored best; otherwise unit identification on the whole block alone.
 
+    ``progress(message)`` at each phase; ``steps(fit, step, total, loss)`` after each
+    optimisation step of each fit ("holdout", "second_stage", "all", "second_stage_all").
+    ``parallel``: the whole block's unit identification runs in a second thread beside
+    steps 1-2 (it does not depend on them; each fit is bit-identical to running it alone),
+    so on two cores the whole takes about steps 1-2 plus the final second stage: the REST
+    calibration job. ``refit=False``: the fits on the first 80% are returned as they are
+    (unit identification, and the second stage's best step where it was kept).
+
     Returns the model and a report of the choice (slice R² of each stage, the curve)."""
     st = settings or CalibrationSettings()
     stage = stage or SecondStage()
     say = progress or (lambda _msg: None)
+
+    def counter(fit: str, total: int) -> Callable[[int, float], None] | None:
+        if steps is None:
+            return None
+        return lambda step, loss: steps(fit, step, total, loss)
+
     cut = span[0] + (1.0 - stage.holdout) * (span[1] - span[0])
     report: dict[str, Any] = {"second_stage": False}
-    if cut - span[0] > st.sequence + 0.5 and span[1] - cut >= 2.0:
-        say("unit identification on the first 80%")
-        first = fit_units(decoder, session, output, (span[0], cut), st)
-        warm = st.warm_start != "off" and plan_for(decoder, session, st.warm_start, span)
-        if stage.choose_start and warm:
-            say("unit identification from the mean (cold start) on the first 80%")
-            cold_st = replace(st, warm_start="off")
-            cold = fit_units(decoder, session, output, (span[0], cut), cold_st)
-            r_warm = score_span(first, session, output, (cut, span[1]))
-            r_cold = score_span(cold, session, output, (cut, span[1]))
-            report |= {"slice_r2_warm": r_warm, "slice_r2_cold": r_cold}
-            if r_cold > r_warm:
-                first, st = cold, cold_st
-        report["start"] = "warm" if warm and st.warm_start != "off" else "cold"
-        say("second stage, scored on the last 20%")
-        _, curve = fine_tune(
-            first, session, output, (span[0], cut), st, stage, stage.steps, (cut, span[1])
-        )
-        bar = curve[0][1]
-        best_step, best_r2 = max(curve[1:] or curve, key=lambda c: c[1])
-        keep = best_r2 > bar + stage.min_gain
-        report |= {
-            "slice_r2_unit_identification": bar,
-            "slice_r2_second_stage": best_r2,
-            "second_stage_steps": best_step,
-            "curve": curve,
-            "second_stage": keep,
-        }
-    else:
-        report["reason"] = "block too short to hold a slice out: unit identification only"
-    say("unit identification on the whole block")
-    dec = fit_units(decoder, session, output, span, st)
-    if report["second_stage"]:
-        say("second stage on the whole block")
-        dec, _ = fine_tune(dec, session, output, span, st, stage, report["second_stage_steps"])
+    held = cut - span[0] > st.sequence + 0.5 and span[1] - cut >= 2.0
+    pool = (
+        ThreadPoolExecutor(1, thread_name_prefix="adapt") if held and parallel and refit else None
+    )
+    whole, whole_st = None, st
+    try:
+        if pool is not None:
+            say("unit identification on the whole block, beside the slice's fits")
+            whole = pool.submit(fit_units, decoder, session, output, span, st,
+                                counter("all", st.steps))  # fmt: skip
+        if held:
+            first, tuned, st = _choose_stage(
+                decoder, session, output, (span[0], cut, span[1]), st, stage, report, say, counter
+            )
+        else:
+            report["reason"] = "block too short to hold a slice out: unit identification only"
+        if held and not refit:
+            dec = tuned if report["second_stage"] else first
+        else:
+            dec = whole.result() if whole is not None else None
+            if dec is None or st is not whole_st:  # (a cold start won: refit from the mean)
+                say("unit identification on the whole block")
+                dec = fit_units(decoder, session, output, span, st, counter("all", st.steps))
+            if report["second_stage"]:
+                say("second stage on the whole block")
+                n = report["second_stage_steps"]
+                dec, _ = fine_tune(dec, session, output, span, st, stage, n,
+                                   progress=counter("second_stage_all", n))  # fmt: skip
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
     dec.info = dict(dec.info) | {"adapt": {k: v for k, v in report.items() if k != "curve"}}
     return dec, report
+
+
+def _choose_stage(
+    decoder: Decoder,
+    session: Session,
+    output: str,
+    cuts: tuple[float, float, float],
+    st: CalibrationSettings,
+    stage: SecondStage,
+    report: dict[str, Any],
+    say: Callable[[str], None],
+    counter: Callable[[str, int], Callable[[int, float], None] | None],
+) -> tuple[Decoder, Decoder, CalibrationSettings]:
+    """``adapt``'s steps 1-2 on the block (lo, cut, hi): the fits on [lo, cut), scored on
+    [cut, hi); fills ``report``. Returns unit identification, the second stage's best
+    model, and the settings of the start that won."""
+    lo, cut, hi = cuts
+    say("unit identification on the first 80%")
+    first = fit_units(decoder, session, output, (lo, cut), st, counter("holdout", st.steps))
+    warm = st.warm_start != "off" and plan_for(decoder, session, st.warm_start, (lo, hi))
+    if stage.choose_start and warm:
+        say("unit identification from the mean (cold start) on the first 80%")
+        cold_st = replace(st, warm_start="off")
+        cold = fit_units(decoder, session, output, (lo, cut), cold_st)
+        r_warm = score_span(first, session, output, (cut, hi))
+        r_cold = score_span(cold, session, output, (cut, hi))
+        report |= {"slice_r2_warm": r_warm, "slice_r2_cold": r_cold}
+        if r_cold > r_warm:
+            first, st = cold, cold_st
+    report["start"] = "warm" if warm and st.warm_start != "off" else "cold"
+    say("second stage, scored on the last 20%")
+    tuned, curve = fine_tune(first, session, output, (lo, cut), st, stage, stage.steps,
+                             (cut, hi), counter("second_stage", stage.steps))  # fmt: skip
+    bar = curve[0][1]
+    best_step, best_r2 = max(curve[1:] or curve, key=lambda c: c[1])
+    report |= {
+        "slice_r2_unit_identification": bar,
+        "slice_r2_second_stage": best_r2,
+        "second_stage_steps": best_step,
+        "curve": curve,
+        "second_stage": best_r2 > bar + stage.min_gain,
+    }
+    return first, tuned, st
 
 
 def zero_shot(

@@ -69,6 +69,13 @@ class CalibrationCreate(BaseModel):
     # "unsupervised": label-free, the masked objective on the spikes alone (no behaviour
     # stream needed; the model needs an MtM head, see `bci-decoder mtm-head`)
     mode: Literal["supervised", "unsupervised"] = "supervised"
+    # "auto" (as `bci-decoder calibrate`, whose --second-stage is on by default): unit
+    # identification, then a short fine-tune of the network's shared weights (the second
+    # stage), kept only where it beats unit identification on the held-out slice
+    # (``holdout``); kept, the calibration carries graphs of its own and applying it builds
+    # a new engine. "units": unit identification only (tables swapped into the running
+    # engine). Label-free calibration is unit identification whichever is asked.
+    adapt: Literal["auto", "units"] = "auto"
     seconds: float = Field(30.0, gt=2.0, le=3600.0)
     steps: int = Field(150, ge=1, le=5000)
     output: str | None = None  # behaviour to decode (default: the recorded/uploaded one)
@@ -95,6 +102,15 @@ class CalibrationPublic(BaseModel):
     session: str
     output: str
     mode: str = "supervised"
+    adapt: str = "auto"  # what was asked: "auto" or "units"
+    # what was stored once done: "units" (tables only) or "second-stage" (own graphs),
+    # why, and the held-out slice's R² of each (the second stage's is its best step's,
+    # which also picked its number of steps); ``heldout_r2`` is the stored stage's
+    stage: str | None = None
+    stage_reason: str | None = None
+    slice_r2_units: float | None = None
+    slice_r2_second_stage: float | None = None
+    second_stage_steps: int | None = None
     units: int
     spikes: int
     seconds: float

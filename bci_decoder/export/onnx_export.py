@@ -264,12 +264,15 @@ def export_package(
 
 def export_model(folder: str | Path, capacity: int = 2048, window_capacity: int = 8192) -> list:
     """Export the model in ``folder`` and re-write the tables of each of its stored
-    calibrations (which share its graphs). Returns the folders written."""
+    calibrations (which share its graphs; one with graphs of its own, a second stage that
+    fine-tuned shared weights, is exported whole). Returns the folders written."""
     folder = Path(folder)
     done = [export_package(Decoder.load(folder), folder, capacity, window_capacity)]
     for name in layout.stored_calibrations(folder):
         cal = layout.calibration_dir(folder, name)
-        if (cal / layout.WEIGHTS).exists():
+        if (cal / layout.WEIGHTS).exists() and layout.graph_file(cal, GRAPHS[0]).exists():
+            done.append(export_package(Decoder.load(cal), cal, capacity, window_capacity))
+        elif (cal / layout.WEIGHTS).exists():
             package_of(Decoder.load(cal), file_sha256(cal / layout.WEIGHTS)).write(cal)
             done.append(cal)
     return done

@@ -9,7 +9,8 @@ import it).
         tables.safetensors           unit/session tables, projections, normalisation
         causal_step.onnx ...         the step graphs (``bci-decoder export``)
         calibrations/CAL/            a calibration: the same files but the graphs, which
-                                     it shares with its base model
+                                     it shares with its base model (one whose second
+                                     stage fine-tuned shared weights has its own)
         calibrations/.tmp-CAL-PID/   a job still writing (renamed whole when complete)
 
 Names are names, never paths: nothing a request names can reach outside the models

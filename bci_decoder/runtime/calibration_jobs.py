@@ -1,13 +1,24 @@
-"""Calibration jobs for the running daemon: unit identification in a process of its own.
+"""Calibration jobs for the running daemon: few-shot adaptation in a process of its own.
 
 A job gets a new session (spikes + behaviour, from the daemon's buffer or uploaded),
-fits its unit and session embeddings on the base model (``calibrate.fit_units``, the same
-code as ``bci-decoder calibrate``), and stores the result as a named calibration next to
-the model (``models/NAME/calibrations/CAL/``) so a restart can load it.
+adapts the base model to it and stores the result as a named calibration next to the
+model (``models/NAME/calibrations/CAL/``) so a restart can load it.
 
-The job reports a held-out score: a first fit on the first 80% of the data is scored on
-the last 20%, next to a Wiener filter fitted on the same 80%. The stored calibration is
-then fitted on all of the data (as the offline command does), unless ``refit`` is off.
+``adapt="auto"`` (the default, as ``bci-decoder calibrate``'s ``--second-stage``):
+``calibrate.adapt``, the same code as the command: unit identification on the first 80%
+of the data, then a short fine-tune of the network's shared weights (the second stage),
+both scored on the last 20%; the second stage is kept only where it beats unit
+identification there by ``SecondStage.min_gain``. ``adapt="units"``: unit identification
+alone (``calibrate.fit_units``). Either way the job reports the held-out R² of what it
+stored next to a Wiener filter fitted on the same 80%, and which stage it chose with the
+slice R² of each. The stored calibration is then fitted on all of the data (as the
+offline command does), unless ``refit`` is off.
+
+What is stored follows from what changed: unit identification changes only the unit and
+session tables, so the calibration shares its base model's ONNX graphs and applying it
+swaps the tables into the running engine (``set_units``); a kept second stage changed
+the shared weights, so the calibration is a whole model package with graphs of its own
+(``export.onnx_export.export_package``) and applying it builds a new engine.
 
 Isolation (ARCHITECTURE "Processes and threads"): the training runs in a spawned child
 process with one torch thread at idle priority (SCHED_IDLE), so the decode loop keeps its
@@ -77,6 +88,10 @@ class JobSpec:
     summary: dict = field(default_factory=dict)  # uploads.summarize(session)
     parent_pid: int = 0  # the daemon: the child exits when it is gone
     mode: str = "supervised"  # or "unsupervised": the masked objective on the spikes alone
+    adapt: str = "auto"  # or "units": unit identification only (see the module docstring)
+    # ``calibrate.SecondStage`` fields to override (benchmarks and tests, e.g. min_gain
+    # to force the choice; not offered over REST, where the slice decides)
+    second_stage: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -97,6 +112,7 @@ class Job:
     finished: float | None = None
     applied: bool = False
     auto_apply: bool = False
+    choice: dict = field(default_factory=dict)  # which stage was stored and why (stage_choice)
     path: str | None = None
     process: Any = None
 
@@ -116,6 +132,12 @@ class Job:
             "session": s["session_id"],
             "output": self.spec.output,
             "mode": self.spec.mode,
+            "adapt": self.spec.adapt,
+            "stage": self.choice.get("stage"),
+            "stage_reason": self.choice.get("stage_reason"),
+            "slice_r2_units": self.choice.get("slice_r2_units"),
+            "slice_r2_second_stage": self.choice.get("slice_r2_second_stage"),
+            "second_stage_steps": self.choice.get("second_stage_steps"),
             "units": s["units"],
             "spikes": s["spikes"],
             "seconds": round(s["domain"][1] - s["domain"][0], 3),
@@ -155,6 +177,9 @@ def _worker(spec: JobSpec, q: Any) -> None:
             _label_free(spec, base, s, q)
             return
         settings = CalibrationSettings(steps=spec.steps, threads=spec.threads, seed=spec.seed)
+        if spec.adapt == "auto":
+            _adapted(spec, base, s, settings, q)
+            return
         fits = {"holdout": 0, "all": 0}  # steps done per fit
         if not (spec.holdout > 0):
             fits.pop("holdout")
@@ -205,13 +230,82 @@ def _worker(spec: JobSpec, q: Any) -> None:
                 "wiener_r2": wiener,
                 "seconds": hi - lo,
                 "steps": spec.steps,
+                "stage": "units",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
         }
         _store(spec, dec)
+        reason = "unit identification only, as asked (adapt 'units')"
+        q.put(("choice", {"stage": "units", "stage_reason": reason, "slice_r2_units": r2}))
         q.put(("done", str(spec.out_dir), float(np.nan if r2 is None else r2)))
     except Exception as e:  # noqa: BLE001 - reported to the parent, never raised there
         q.put(("failed", f"{type(e).__name__}: {e}"))
+
+
+def stage_choice(report: dict, min_gain: float) -> dict:
+    """The job's public account of ``calibrate.adapt``'s choice (its report)."""
+    kept = bool(report.get("second_stage"))
+    r_units = report.get("slice_r2_unit_identification")
+    r_second = report.get("slice_r2_second_stage")
+    if "reason" in report:
+        reason = report["reason"]
+    else:
+        reason = (f"second stage {'kept' if kept else 'not kept'}: held-out slice R² "
+                  f"{r_second:.3f} against {r_units:.3f} for unit identification alone, "
+                  f"{r_second - r_units:+.3f} (kept above {min_gain:+g})")  # fmt: skip
+    return {
+        "stage": "second-stage" if kept else "units",
+        "stage_reason": reason,
+        "slice_r2_units": r_units,
+        "slice_r2_second_stage": r_second,
+        "second_stage_steps": report.get("second_stage_steps"),
+    }
+
+
+def _adapted(spec: JobSpec, base: Any, s: Session, settings: Any, q: Any) -> None:
+    """Child process, ``adapt="auto"``: ``calibrate.adapt`` (the choice ``bci-decoder
+    calibrate`` makes), the whole block's unit identification in a second thread beside
+    the slice's fits, as the unit-only job runs its two fits."""
+    from bci_decoder.baselines import evaluate_baselines
+    from bci_decoder.calibrate import SecondStage, adapt
+
+    stage = SecondStage(**({"holdout": spec.holdout} | spec.second_stage))
+    lo, hi = s.domain
+    planned = {"all": spec.steps}  # steps per fit, for the progress fraction
+    if stage.holdout > 0:
+        planned = {"holdout": spec.steps, "second_stage": stage.steps}
+        if spec.refit:
+            planned |= {"all": spec.steps, "second_stage_all": stage.steps}
+    done = dict.fromkeys(planned, 0)
+
+    def steps(fit: str, step: int, total: int, loss: float) -> None:
+        planned[fit], done[fit] = total, step
+        q.put(("progress", min(sum(done.values()) / sum(planned.values()), 1.0), loss))
+
+    dec, report = adapt(base, s, spec.output, (lo, hi), settings, stage,
+                        progress=lambda msg: q.put(("phase", msg)), steps=steps, parallel=True,
+                        refit=spec.refit)  # fmt: skip
+    choice = stage_choice(report, stage.min_gain)
+    kept = choice["stage"] == "second-stage"
+    r2 = choice["slice_r2_second_stage"] if kept else choice["slice_r2_units"]
+    wiener = None
+    if "reason" not in report:
+        cut = lo + (1 - stage.holdout) * (hi - lo)
+        wiener = evaluate_baselines(s, spec.output, (lo, cut), (cut, hi + 1e-9), ("wiener",))
+        wiener = wiener["wiener"]["r2"]
+    q.put(("score", r2, wiener))
+    q.put(("choice", choice))
+    dec.info = dict(dec.info) | {
+        "calibration": {
+            "name": spec.name, "session": s.session_id, "output": spec.output,
+            "heldout_r2": r2, "wiener_r2": wiener, "seconds": hi - lo, "steps": spec.steps,
+            "stage": choice["stage"], "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+    }  # fmt: skip
+    if kept:
+        q.put(("phase", "exporting the fine-tuned network's ONNX graphs"))
+    _store(spec, dec, graphs=kept)
+    q.put(("done", str(spec.out_dir), float("nan") if r2 is None else float(r2)))
 
 
 def _label_free(spec: JobSpec, base: Any, s: Session, q: Any) -> None:
@@ -233,22 +327,43 @@ def _label_free(spec: JobSpec, base: Any, s: Session, q: Any) -> None:
         "calibration": {
             "name": spec.name, "session": s.session_id, "output": spec.output,
             "mode": "unsupervised", "heldout_r2": None, "wiener_r2": None,
-            "seconds": s.domain[1] - s.domain[0], "steps": spec.steps,
+            "seconds": s.domain[1] - s.domain[0], "steps": spec.steps, "stage": "units",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
     }  # fmt: skip
     _store(spec, dec)
+    reason = "label-free: unit identification only (no labels to score a second stage with)"
+    q.put(("choice", {"stage": "units", "stage_reason": reason}))
     q.put(("done", str(spec.out_dir), float("nan")))
 
 
-def _store(spec: JobSpec, dec: Any) -> None:
-    """Child process: check a finished calibration and write it whole or not at all."""
+def _store(spec: JobSpec, dec: Any, graphs: bool = False) -> None:
+    """Child process: check a finished calibration and write it whole or not at all.
+
+    ``graphs``: the fit changed the shared weights (a kept second stage), so the
+    calibration gets ONNX graphs of its own, exported and checked against torch as
+    ``bci-decoder export`` does, at the base model's buffer sizes; without, it shares its
+    base model's graphs and holds tables only."""
     from bci_decoder.runtime.guards import check_decoder
 
     check_decoder(dec, f"calibration {spec.name}")  # e.g. behaviour too large: inf norms
     out = Path(spec.out_dir)
     tmp = layout.temporary_dir(out, os.getpid())
-    dec.save(tmp)  # weights, and the package tables the daemon loads (no torch there)
+    try:
+        dec.save(tmp)  # weights, and the package tables the daemon loads (no torch there)
+        if graphs:
+            from bci_decoder.export.onnx_export import export_package
+            from bci_decoder.model.package import ModelPackage
+
+            sizes = ModelPackage.load(spec.base_model).spec
+            export_package(
+                dec, tmp, sizes.get("capacity", 2048), sizes.get("window_capacity", 8192)
+            )
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     os.replace(tmp, out)  # a calibration appears whole or not at all
 
 
@@ -326,6 +441,8 @@ class CalibrationManager:
                 job.phase = msg[1]
             elif kind == "score":
                 job.r2, job.wiener_r2 = msg[1], msg[2]
+            elif kind == "choice":
+                job.choice = msg[1]
             elif kind == "failed":
                 job.state, job.error, job.finished = "failed", msg[1], time.time()
             elif kind == "done":

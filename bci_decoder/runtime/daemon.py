@@ -110,7 +110,8 @@ def calibration_folder(model_dir: Path, calibration: str) -> Path:
 
 
 def load_package(cfg: ServeConfig, name: str, calibration: str | None) -> tuple[ModelPackage, Path]:
-    """The package to serve and its base model folder (whose ONNX graphs it uses).
+    """The package to serve and its base model folder (whose ONNX graphs it uses, unless
+    a calibration has graphs of its own: a second stage that fine-tuned shared weights).
 
     Packages only: no torch, never an export here. A missing or stale package, or a
     calibration made on other graph weights, is a 422 naming the export command; every
@@ -118,11 +119,12 @@ def load_package(cfg: ServeConfig, name: str, calibration: str | None) -> tuple[
     corrupt table, a table or normaliser that is NaN/inf as float32)."""
     base = model_folder(cfg, name)
     path = calibration_folder(base, calibration) if calibration else base
+    own_graphs = layout.graph_file(path, layout.GRAPHS[0]).exists()
     try:
         check_meta(path)
-        pkg = ModelPackage.load(path, graphs_dir=base)
+        pkg = ModelPackage.load(path, graphs_dir=path if own_graphs else base)
         check_package(pkg, str(path))
-        if calibration:
+        if calibration and not own_graphs:  # own graphs: the engine checks their hash
             own = ModelPackage.load(base)
             if own.graph_hash != pkg.graph_hash:
                 raise PackageError(

@@ -152,7 +152,7 @@ def _start_job(daemon: Daemon, manager: CalibrationManager, reply: dict, path: s
     spec = JobSpec(
         session=session, output=output, base_model=str(base), out_dir=str(out_dir), name=name,
         steps=body["steps"], holdout=body["holdout"], refit=body["refit"], session_path=path,
-        summary=summary, mode=mode,
+        summary=summary, mode=mode, adapt=body.get("adapt", "auto"),
     )  # fmt: skip
     Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
     return manager.submit(spec, body["source"], body["auto_apply"]).public()
@@ -165,7 +165,9 @@ def list_jobs(request: Request) -> list[dict]:
 
 @router.get("/{job_id}", response_model=CalibrationPublic, responses=error_responses(404, 422))
 def get(job_id: str, request: Request) -> dict:
-    """State, progress, loss, held-out R² on the last 20% next to a Wiener filter."""
+    """State, progress, loss, held-out R² on the last 20% next to a Wiener filter, and
+    which stage was stored (unit identification or the second stage) with the slice R²
+    of each."""
     return _manager(request).get(job_id).public()
 
 
@@ -179,8 +181,10 @@ def cancel(job_id: str, request: Request) -> dict:
 @router.post("/{job_id}/apply", response_model=CalibrationPublic, dependencies=[Authorized],
              responses=error_responses(401, 403, 404, 409, 422, 503))  # fmt: skip
 def apply(job_id: str, request: Request) -> dict:
-    """Swap the calibration's unit and session embeddings into the running decoder
-    between two steps."""
+    """Serve the calibration from the next step on: its unit and session embeddings
+    swapped into the running engine, or, for a kept second stage (``stage``
+    "second-stage", graphs of its own), a new engine built and primed beside the running
+    one and handed over between two steps."""
     return _manager(request).apply(job_id).public()
 
 
