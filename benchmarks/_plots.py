@@ -500,6 +500,65 @@ def mtm_label_free(res: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+# ------------------------------------------------------------------ scaling
+def scaling(res: dict, path: Path) -> Path:
+    """R² of unit identification on each held-out session (thin lines) and their mean
+    (ours, thick) against the number of pretraining sessions, log x; the GRU trained on
+    the same seconds as a dashed horizontal line (its mean) and ticks (each session); stars:
+    the full recipe's model, where the JSON has it."""
+    plt = _pyplot()
+    arms, sessions, s = res["arms"], res["sessions"], res["seconds"]
+    n = np.array([a["num_sessions"] for a in arms], dtype=float)
+    r2 = {(r["arm"], r["session"]): r["r2"] for r in res["rows"]}
+    ref = res.get("reference")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = plt.get_cmap("tab10")
+    for i, sid in enumerate(sessions):
+        c = colours(i % 10 if i % 10 != 3 else 9)  # tab10's 4th colour is OURS' red
+        y = np.array([np.nan if r2.get((a["arm"], sid)) is None else r2[(a["arm"], sid)]
+                      for a in arms])  # fmt: skip
+        ax.plot(n, y, "o-", color=c, lw=1, ms=4, alpha=0.8, label=sid)
+        ax.plot([n[-1] * 1.25], [res["baselines"][sid]["gru"]], "_", color=c, ms=14, mew=2)
+        if ref:
+            y_ref = {r["session"]: r["r2"] for r in ref["rows"]}.get(sid)
+            if y_ref is not None:
+                ax.plot([ref["num_sessions"] * 1.1], [y_ref], "*", color=c, ms=8)
+    mean = [res["summary"][a["arm"]]["mean"] for a in arms]
+    full = [res["summary"][a["arm"]]["scored"] == len(sessions) for a in arms]
+    ax.plot(n, [np.nan if m is None else m for m in mean], "-", color=OURS, lw=2.5,
+            label="mean over the sessions scored")  # fmt: skip
+    for x, m, f, a in zip(n, mean, full, arms, strict=True):
+        if m is None:
+            continue
+        ax.plot([x], [m], "o", color=OURS, ms=8, mfc=OURS if f else "white", mew=2)
+        if not f:
+            ax.annotate(f"{res['summary'][a['arm']]['scored']}/{len(sessions)} scored",
+                        (x, m), textcoords="offset points", xytext=(6, -12), fontsize=8)  # fmt: skip
+    if ref and ref["mean"] is not None:
+        ax.plot([ref["num_sessions"] * 1.1], [ref["mean"]], "*", color=OURS, ms=14, mec="k",
+                label=f"the recipe in full ({ref['steps']} steps of {ref['batch_size']}), "
+                "same sessions as 'all'")  # fmt: skip
+    common = res["summary"].get("common_sessions", sessions)
+    if 0 < len(common) < len(sessions):
+        ax.plot(n, [res["summary"][a["arm"]]["mean_common"] for a in arms], ":", color=OURS,
+                lw=2, label=f"mean over the {len(common)} sessions every arm scored")  # fmt: skip
+    ax.axhline(res["summary"]["gru_mean"], color=BASE, ls="--", lw=1.5,
+               label=f"GRU on the same {s} s (mean; ticks at the right: each session)")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xticks(n, [f"{int(v)}" for v in n])
+    ax.minorticks_off()
+    ax.set_xlim(n[0] / 1.4, n[-1] * 1.6)
+    ax.set_xlabel("pretraining sessions (nested subsets of the leave-out recipe)")
+    ax.set_ylabel(f"test R² (last 30%, causal), unit identification on {s} s")
+    b = res["budget"]
+    ax.set_title(f"More pretraining sessions, equal steps ({b['steps']} steps of "
+                 f"{b['batch_size']}): held-out sessions calibrated with {s} s",
+                 fontsize=10)  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
 KINDS = {
     "load_soak": load_soak,
     "engine_latency": engine_latency,
@@ -516,6 +575,7 @@ KINDS = {
     "zero_shot_axes": zero_shot_axes,
     "mtm_ssl": mtm_ssl,
     "mtm_label_free": mtm_label_free,
+    "scaling": scaling,
 }
 
 

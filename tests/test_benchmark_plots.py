@@ -38,6 +38,7 @@ CASES = [
     ("mtm_ssl", "mtm_ssl"),
     ("mtm_ssl", "mtm_ssl_real"),
     ("mtm_ssl", "mtm_ssl_real_prior_only"),
+    ("scaling", "scaling"),
 ]
 # a diagnostic with no "ours vs baseline": a correlation heat map, not our colour
 NO_OURS = {"zero_shot_axes"}
