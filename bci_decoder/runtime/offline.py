@@ -15,11 +15,12 @@ of the W-1 groups before its own, so after (depth+1)·(W-1) groups the second ha
 state equals the one-pass state and its outputs equal one pass's (to float rounding:
 only the ring's slot order differs). ONNX Runtime releases the GIL while it runs, which
 is most of the time. ``tests/test_engine.py`` holds the two-worker output equal to one.
-Measured on the shared 2-core VM (shipped size, 200 units, 10 ms hop, 120-150 s decoded,
-interleaved): with the load average at 5.5-12 (both cores busy with other work) two
-workers took 1.0-1.7x one worker's wall time, and ONNX Runtime's two intra-op threads
-3.7x; so one worker stays the default and the split is asked for where a core is free
-(``benchmarks/offline_throughput.py --workers 1 2`` measures both on the machine at hand).
+Measured on the shared 2-core VM (shipped size, 200 units, 10 ms hop): 120-150 s
+decoded, interleaved, load average 5.5-12 (both cores busy with other work): two workers
+took 1.0-1.7x one worker's wall time, ONNX Runtime's two intra-op threads 3.7x; the whole
+hour at load 3.6-4.8 (benchmarks/results/offline_throughput_1h.json): one worker 141 s,
+two 129 s. So one worker stays the default and the split is asked for where a core is
+free (``benchmarks/offline_throughput.py --workers 1 2`` measures both on the machine).
 """
 
 from __future__ import annotations
