@@ -5,8 +5,10 @@ Three processes, as on a rig: the daemon (``bci-decoder serve`` with the shipped
 (``runtime/spike_source.py``: Poisson spikes, 5 ms chunks, a ``seq`` channel) and this
 script, which polls ``/status`` and the daemon's RSS once a second. Stream unit k carries
 the label of the shipped model's unit ``k mod 156`` of session sim7_s0, so every spike is
-decodable and reaches the engine (its group buffer holds 2,048 spikes per 50 ms latent
-step, about 41k spikes/s: the rest are counted as ``engine_overflow``, never silently).
+decodable and reaches the engine (its group buffer, serve config ``max_spikes_per_group``,
+holds 16,384 spikes per 50 ms latent step, about 330k spikes/s; what does not fit, or
+arrives after its group was finished, is counted as ``engine_overflow`` / ``engine_late``,
+never silently).
 
 After ``--warmup-s`` (the 4M-spike ring fills in 40 s at this rate; its pages count in
 RSS until it wraps) two windows are measured from the same run:
