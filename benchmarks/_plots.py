@@ -511,7 +511,7 @@ def scaling(res: dict, path: Path) -> Path:
     n = np.array([a["num_sessions"] for a in arms], dtype=float)
     r2 = {(r["arm"], r["session"]): r["r2"] for r in res["rows"]}
     ref = res.get("reference")
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(11.5, 5))
     colours = plt.get_cmap("tab10")
     for i, sid in enumerate(sessions):
         c = colours(i % 10 if i % 10 != 3 else 9)  # tab10's 4th colour is OURS' red
@@ -555,7 +555,7 @@ def scaling(res: dict, path: Path) -> Path:
                  f"{b['batch_size']}): held-out sessions calibrated with {s} s",
                  fontsize=10)  # fmt: skip
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, path)
 
 
