@@ -513,11 +513,17 @@ def scaling(res: dict, path: Path) -> Path:
     ref = res.get("reference")
     fig, ax = plt.subplots(figsize=(11.5, 5))
     colours = plt.get_cmap("tab10")
+    palette = [colours(k) for k in (0, 1, 2, 4, 5, 6, 7, 8, 9)] + ["k"]  # no OURS' red
+    low = -0.3  # R² below this (a session every decoder fails on) drawn at the floor
     for i, sid in enumerate(sessions):
-        c = colours(i % 10 if i % 10 != 3 else 9)  # tab10's 4th colour is OURS' red
+        c = palette[i % len(palette)]
         y = np.array([np.nan if r2.get((a["arm"], sid)) is None else r2[(a["arm"], sid)]
                       for a in arms])  # fmt: skip
-        ax.plot(n, y, "o-", color=c, lw=1, ms=4, alpha=0.8, label=sid)
+        ax.plot(n, np.maximum(y, low), "o-", color=c, lw=1, ms=4, alpha=0.8, label=sid)
+        for x, v in zip(n, y, strict=True):
+            if v < low:
+                ax.annotate(f"{v:.2f}", (x, low), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7, color=c)  # fmt: skip
         ax.plot([n[-1] * 1.25], [res["baselines"][sid]["gru"]], "_", color=c, ms=14, mew=2)
         if ref:
             y_ref = {r["session"]: r["r2"] for r in ref["rows"]}.get(sid)
@@ -544,6 +550,7 @@ def scaling(res: dict, path: Path) -> Path:
                 lw=2, label=f"mean over the {len(common)} sessions every arm scored")  # fmt: skip
     ax.axhline(res["summary"]["gru_mean"], color=BASE, ls="--", lw=1.5,
                label=f"GRU on the same {s} s (mean; ticks at the right: each session)")  # fmt: skip
+    ax.set_ylim(low - 0.05, None)
     ax.set_xscale("log")
     ax.set_xticks(n, [f"{int(v)}" for v in n])
     ax.minorticks_off()
