@@ -204,11 +204,14 @@ def fit_units(
     settings: CalibrationSettings | None = None,
     progress: Callable[[int, float], None] | None = None,
     show_bar: bool = False,
+    start: Decoder | None = None,
 ) -> Decoder:
     """Calibrate ``session`` on the behaviour in ``span``; returns a new Decoder.
 
     Only the new units' embeddings and the new session's embedding are fitted; every
     other row and weight of the returned model is bit-identical to ``decoder``'s.
+    ``start``: a fit of ``session`` on ``decoder`` (e.g. on part of the block) whose unit
+    and session rows the fit starts from, instead of the mean / warm start.
     """
     st = settings or CalibrationSettings()
     if st.threads:
@@ -221,12 +224,18 @@ def fit_units(
             f"calibration span {span[1] - span[0]:.1f} s is too short (need > {st.sequence + 0.5} s)"
         )
     norm = Normalizer.fit(beh.data)
-    warm = plan_for(decoder, session, st.warm_start, span)
-    with _SEED_LOCK:  # the new rows' random start: the same whichever thread fits
-        torch.manual_seed(st.seed)
-        dec = add_session(decoder, session, output, norm, warm)
-    model = dec.model
     sid = session.session_id
+    if start is not None:
+        if sid not in start.sessions or len(start.units) < len(decoder.units):
+            raise ValueError("start must be a calibration of this session on this decoder")
+        dec = start.clone()
+        dec.norms = dict(dec.norms) | {sid: {output: norm}}
+    else:
+        warm = plan_for(decoder, session, st.warm_start, span)
+        with _SEED_LOCK:  # the new rows' random start: the same whichever thread fits
+            torch.manual_seed(st.seed)
+            dec = add_session(decoder, session, output, norm, warm)
+    model = dec.model
     first_unit, first_session = len(decoder.units), len(decoder.sessions)
     rows = NewRows(model, first_unit, first_session)
     opt = torch.optim.Adam(
@@ -284,6 +293,18 @@ class SecondStage:
     # 7 later Spike days the choice scored 0.661 against warm alone 0.672
     # (across_days_s2.json): 12 s of slice cannot tell fits 0.01-0.06 apart. Off by default.
     choose_start: bool = False
+    # The whole block's unit identification (step 3 of ``adapt``): 0 fits it from the
+    # mean / warm start with ``CalibrationSettings.steps``; n > 0 continues from the rows
+    # the first 80% found for n steps at ``refit_lr`` x lr (warm-up ``refit_warmup``).
+    # Held-out sessions of poyo-mp-transfer-s2, 60 s, one thread (R² on the last 30%, CPU s
+    # of adapt), today's refit vs n=40 vs n=60: jango_20160711 0.729/0.843/0.855 (60/45/48 s),
+    # chewie_20131003 0.559/0.529/0.537 (60/44/45), mihi_20140303 0.723/0.707/0.702
+    # (48/37/39), spike_20120904 0.721/0.770/0.775 (149/102/107), spike_20121017
+    # 0.773/0.752/0.757 (230/179/182): mean 0.701/0.720/0.725, but drops of 0.02-0.03 on
+    # three sessions, so it stays off by default.
+    refit_steps: int = 0
+    refit_lr: float = 1.0 / 3.0
+    refit_warmup: float = 0.1
 
 
 def fine_tune(
@@ -368,6 +389,9 @@ def adapt(
     3. If the second stage beat the bar by ``min_gain``, the returned model is unit
        identification on the whole block followed by the second stage for the number of
        steps that scored best; otherwise unit identification on the whole block alone.
+       With ``SecondStage.refit_steps`` > 0 that whole-block fit continues from the first
+       80%'s rows for those steps instead of starting over (with ``parallel``, it then
+       runs after steps 1-2, not beside them).
 
     ``progress(message)`` at each phase; ``steps(fit, step, total, loss)`` after each
     optimisation step of each fit ("holdout", "second_stage", "all", "second_stage_all").
@@ -395,7 +419,7 @@ def adapt(
     )
     whole, whole_st = None, st
     try:
-        if pool is not None:
+        if pool is not None and stage.refit_steps <= 0:
             say("unit identification on the whole block, beside the slice's fits")
             whole = pool.submit(fit_units, decoder, session, output, span, st,
                                 counter("all", st.steps))  # fmt: skip
@@ -409,7 +433,15 @@ def adapt(
             dec = tuned if report["second_stage"] else first
         else:
             dec = whole.result() if whole is not None else None
-            if dec is None or st is not whole_st:  # (a cold start won: refit from the mean)
+            if held and stage.refit_steps > 0:
+                say("unit identification on the whole block, from the first 80%'s rows")
+                more = replace(st, steps=stage.refit_steps, lr=st.lr * stage.refit_lr,
+                               warmup=stage.refit_warmup)  # fmt: skip
+                if st.session_lr is not None:
+                    more.session_lr = st.session_lr * stage.refit_lr
+                dec = fit_units(decoder, session, output, span, more,
+                                counter("all", more.steps), start=first)  # fmt: skip
+            elif dec is None or st is not whole_st:  # (a cold start won: refit from the mean)
                 say("unit identification on the whole block")
                 dec = fit_units(decoder, session, output, span, st, counter("all", st.steps))
             if report["second_stage"]:

@@ -112,3 +112,42 @@ def test_adapt_keeps_the_second_stage_only_where_the_slice_says_so(one_thread, s
     ]
     assert moved and "unit_emb.weight" not in moved and "session_emb.weight" not in moved
     assert dec.info["adapt"]["second_stage"] is True
+
+
+def test_fit_units_can_start_from_an_earlier_fit(one_thread, shipped, unseen):
+    """``start``: the fit begins from another calibration's rows (0 steps: exactly them),
+    with the new span's behaviour normalisation, not from the mean / warm start."""
+    from dataclasses import replace
+
+    st = CalibrationSettings(steps=3, seed=2)
+    part = fit_units(shipped, unseen, "hand_vel", (0.0, 24.0), st)
+    same = fit_units(shipped, unseen, "hand_vel", (0.0, 30.0), replace(st, steps=0), start=part)
+    # (mean + offsets rebuilt from the rows: equal up to rounding)
+    assert torch.allclose(same.model.unit_emb.weight, part.model.unit_emb.weight, atol=1e-6)
+    assert torch.equal(same.model.session_emb.weight, part.model.session_emb.weight)
+    norm = Normalizer.fit(unseen.behavior["hand_vel"].between(0.0, 30.0).data)
+    assert np.allclose(same.norms[unseen.session_id]["hand_vel"].mean, norm.mean)
+    scratch = fit_units(shipped, unseen, "hand_vel", (0.0, 30.0), replace(st, steps=0))
+    assert not torch.equal(same.model.unit_emb.weight, scratch.model.unit_emb.weight)
+    with pytest.raises(ValueError, match="start"):
+        fit_units(shipped, unseen, "hand_vel", (0.0, 30.0), st, start=shipped)
+
+
+def test_adapt_refit_continues_from_the_first_80_percent(one_thread, shipped, unseen):
+    """``SecondStage.refit_steps``: the whole block's unit identification continues from
+    the rows the first 80% found, for that many steps at a lower learning rate."""
+    from dataclasses import replace
+
+    from bci_decoder.calibrate import SecondStage, adapt
+
+    span, st = (0.0, 30.0), CalibrationSettings(steps=6, seed=1)
+    stage = SecondStage(steps=2, eval_every=2, min_gain=10.0, refit_steps=3)
+    dec, report = adapt(shipped, unseen, "hand_vel", span, st, stage)
+    assert report["second_stage"] is False
+    first = fit_units(shipped, unseen, "hand_vel", (0.0, 24.0), st)
+    more = replace(st, steps=3, lr=st.lr * stage.refit_lr, warmup=stage.refit_warmup)
+    cont = fit_units(shipped, unseen, "hand_vel", span, more, start=first)
+    assert torch.equal(dec.model.unit_emb.weight, cont.model.unit_emb.weight)
+    assert dec.info["calibrated"]["steps"] == 3
+    scratch = fit_units(shipped, unseen, "hand_vel", span, st)
+    assert not torch.equal(dec.model.unit_emb.weight, scratch.model.unit_emb.weight)
