@@ -496,10 +496,6 @@ class StreamingEngine(OfflineDecoding):
         self._w_end = n
 
     # ------------------------------------------------------------------ steps
-    def _phase_into(self, t: float, out: np.ndarray) -> None:
-        """[cos | sin] (float32) of time t into out (Dh,): float64 (t mod P) first."""
-        self._phases.into(t, out)
-
     def _set_time(self, t: float, elapsed: float) -> None:
         self._count_feat[0, self.dim] = elapsed
         self._phases.into(t, self._phase[0])
@@ -599,7 +595,7 @@ class StreamingEngine(OfflineDecoding):
         ph = angles(lt, self.periods, out=self._lat_phase64)
         self._lat_phase[:, : self.F] = np.cos(ph)
         self._lat_phase[:, self.half : self.half + self.F] = np.sin(ph)
-        self._phase_into(t, self._dec_phase)
+        self._phases.into(t, self._dec_phase)
         self._dirty.update(("group_sum", "lat_phase", "dec_phase"))
         self._runners["window_step"].run(
             {"spike_k": self._wk[lo:hi], "spike_v": self._wv[lo:hi]}, self._dirty
