@@ -25,7 +25,7 @@ from bci_decoder.export.onnx_export import export_package
 from bci_decoder.model.package import ModelPackage, PackageError
 from bci_decoder.model.step import decoder_query
 from bci_decoder.runtime import onnx_runner
-from bci_decoder.runtime.engine import StreamingEngine, UnitTables
+from bci_decoder.runtime.engine import StreamingEngine, UnitTables, row_buckets
 from bci_decoder.train.loop import build_decoder, gather_sessions
 
 CFG = TrainConfig(
@@ -269,6 +269,26 @@ def test_overflow_is_counted(setup):
     assert eng.push(t, np.zeros(20, np.int64)) == 8
     assert eng.stats().rejected["overflow"] == 12
     assert np.all(np.isfinite(eng.step(1.03)))
+
+
+def test_row_buckets_bound_the_shapes_and_change_nothing(setup):
+    """The group buffer is bound at a rung of ``row_buckets`` (masked rows past the
+    count), so ONNX Runtime sees a bounded set of shapes (its memory-pattern cache,
+    one entry per shape, grew the daemon without end under load) and decodes the same."""
+    b = row_buckets(16384)
+    counts = np.arange(16385)
+    assert (b >= counts).all() and (np.diff(b) >= 0).all() and b[-1] == 16384
+    assert (b[:33] == counts[:33]).all() and len(np.unique(b)) <= 100
+    assert (b[33:] <= np.ceil(counts[33:] * 1.125 / 8) * 8 + 8).all()  # padding <= 12.5%+8
+    dec, session, _ = setup
+    queries = 0.5 + 0.01 * np.arange(1500) + 0.0003
+    bucketed, exact = engine(setup), engine(setup)
+    exact._rows = np.arange(exact.capacity + 1)
+    got, ref = stream(bucketed, session, queries), stream(exact, session, queries)
+    sizes = np.diff(np.searchsorted(session.spike_times, 0.05 * np.arange(200)))
+    assert sizes.max() > 40  # groups past the exact rungs were decoded
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * ref.std())
+    assert bucketed.runner.session.get_session_options().enable_mem_pattern
 
 
 def test_numpy_tables_equal_the_torch_projections(setup):

@@ -84,6 +84,23 @@ class EngineStats:
     tables_version: int
 
 
+def row_buckets(capacity: int, exact: int = 32, ratio: float = 1.125) -> np.ndarray:
+    """(capacity + 1,) the rows of the group buffer a step binds for each spike count:
+    the count itself up to ``exact``, then the next rung of a ladder growing by ``ratio``
+    (multiples of 8), at most ``capacity``. The rows past the count are masked (their
+    ``spike_bias`` is -inf, so they get exactly zero weight), so the result is the same;
+    what changes is that ONNX Runtime sees ~90 distinct input shapes instead of one per
+    count. It caches a memory pattern per shape and never evicts one: at 100k spikes/s
+    with exact counts the daemon grew by ~1.5 MB a minute (benchmarks/load_soak.py)."""
+    rungs = list(range(min(exact, capacity) + 1))
+    r = float(exact)
+    while rungs[-1] < capacity:
+        r *= ratio
+        rungs.append(min(capacity, int(math.ceil(r / 8.0)) * 8))
+    rungs_arr = np.unique(np.asarray(rungs))
+    return rungs_arr[np.searchsorted(rungs_arr, np.arange(capacity + 1))]
+
+
 # ---------------------------------------------------------------------- the engine
 class StreamingEngine(OfflineDecoding):
     """Decode one session's stream: ``push`` spikes (float64 times, session-local unit
@@ -165,6 +182,8 @@ class StreamingEngine(OfflineDecoding):
                     providers,
                     # fixed shapes only in the streaming causal graphs
                     cuda_graph and name in ("causal_step", "causal_finish"),
+                    # their row counts are bucketed (row_buckets): a bounded set of shapes
+                    mem_pattern=name in ("causal_step", "causal_finish"),
                 )
                 meta = runner.session.get_modelmeta().custom_metadata_map
                 if meta.get(GRAPH_HASH_KEY) != pkg.graph_hash:
@@ -266,6 +285,7 @@ class StreamingEngine(OfflineDecoding):
                 if hasattr(r, "set_rows"):
                     r.set_rows(self._spike_rows)
             self._dirty = set(persistent)
+            self._rows = row_buckets(cap)  # spike count -> rows bound (masked past the count)
         else:
             cap2 = 2 * self.ring_capacity  # room to append between compactions
             self._wk = np.zeros((cap2, Hc, Dh), f32)
@@ -507,8 +527,8 @@ class StreamingEngine(OfflineDecoding):
         runner = self._runners[name]
         if self.fixed_shapes:
             runner.run(None, self._dirty)
-        elif hasattr(runner, "run_rows"):  # ONNX Runtime: re-bound when the count changed
-            runner.run_rows(self._count, self._dirty)
+        elif hasattr(runner, "run_rows"):  # ONNX Runtime: re-bound when the rows changed
+            runner.run_rows(int(self._rows[self._count]), self._dirty)
         else:  # the torch reference
             shapes = {}
             for key, (shape, axis, offset) in self._spike_rows.items():
