@@ -31,7 +31,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check bci_decoder tests benchmarks
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check bci_decoder tests benchmarks
