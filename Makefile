@@ -31,7 +31,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check bci_decoder tests benchmarks
-	$(BIN)/python -m pytest -q -ra --durations=15 tests
+	$(BIN)/python -m pytest -q -ra --durations=15 -n 2 --dist loadfile tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check bci_decoder tests benchmarks

@@ -33,9 +33,9 @@ SHORT = {"steps": 10, "eval_every": 5}
 
 
 def _submit(srv: LiveServer, name: str, min_gain: float) -> str:
-    """A job on the buffer's last 20 s, as ``POST /calibrations`` starts one, with the
-    second stage's bar at ``min_gain``; returns its id."""
-    block, output, hint = srv.daemon.calibration_block(20.0, None)
+    """A job on the buffer's last 12 s (fits on 9.6 s, a 2.4 s slice), as ``POST
+    /calibrations`` starts one, with the second stage's bar at ``min_gain``; its id."""
+    block, output, hint = srv.daemon.calibration_block(12.0, None)
     block.session_id = name
     out_dir = layout.calibration_dir(srv.daemon.model_dir, name)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,7 @@ def test_second_stage_kept_or_not_decides_what_apply_swaps(models_dir, state_dir
         srv.wait_state("running")
         dec = StreamRecorder(StreamSettings(type="Control", source_id=cfg.control_source_id))
         beh = StreamRecorder(StreamSettings(type="Behavior", source_id=cfg.behavior.source_id))
-        _pull_for(beh, 21.0)
+        _pull_for(beh, 13.0)
 
         # the request's choice: "auto" (default) or "units"; anything else is a 422
         r = srv.post("/calibrations", json={"source": "buffer", "seconds": 10, "adapt": "full"})
