@@ -31,7 +31,7 @@ HEAVY = (
 )  # fmt: skip
 
 PROBE = """
-import json, socket, sys, threading, time
+import json, os, socket, sys, threading, time
 port, report = int(sys.argv[1]), sys.argv[2]
 
 def ready():
@@ -48,8 +48,9 @@ def ready():
 
 def watch():
     ready()
-    with open(report, "w") as f:
-        json.dump(sorted(sys.modules), f)
+    with open(report + ".tmp", "w") as f:  # renamed whole: the test polls for the name
+        json.dump(sorted(sys.modules.copy()), f)  # copy: one atomic step
+    os.replace(report + ".tmp", report)
 
 threading.Thread(target=watch, daemon=True).start()
 from bci_decoder.serve import main
