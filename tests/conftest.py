@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(os.environ.get("BCI_REAL_DATA", ROOT.parent / "shared" / "data" / "real"))
+CORPUS_DATA = Path(os.environ.get("BCI_CORPUS_DATA", ROOT.parent / "shared" / "data" / "corpus"))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two test processes on two cores (pytest-xdist): one compute thread
     # each, read by torch and OpenMP when they start, or their pools spin against each other
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-REAL_DATA = Path(os.environ.get("BCI_REAL_DATA", ROOT.parent / "shared" / "data" / "real"))
-CORPUS_DATA = Path(os.environ.get("BCI_CORPUS_DATA", ROOT.parent / "shared" / "data" / "corpus"))
 
 
 def require_real_data(name: str | None = None, folder: Path = REAL_DATA) -> Path:

@@ -284,9 +284,16 @@ def test_row_buckets_bound_the_shapes_and_change_nothing(setup):
     queries = 0.5 + 0.01 * np.arange(1500) + 0.0003
     bucketed, exact = engine(setup), engine(setup)
     exact._rows = np.arange(exact.capacity + 1)
+    bound: dict[str, list[int]] = {"bucketed": [], "exact": []}
+    for name, eng in (("bucketed", bucketed), ("exact", exact)):
+        runner = eng._runners["causal_step"]
+        run_rows = runner.run_rows
+        runner.run_rows = lambda rows, *a, f=run_rows, seen=bound[name]: (seen.append(rows),
+                                                                          f(rows, *a))  # fmt: skip
     got, ref = stream(bucketed, session, queries), stream(exact, session, queries)
-    sizes = np.diff(np.searchsorted(session.spike_times, 0.05 * np.arange(200)))
-    assert sizes.max() > 40  # groups past the exact rungs were decoded
+    rungs = set(row_buckets(bucketed.capacity).tolist())
+    assert set(bound["bucketed"]) <= rungs  # every step bound at a rung
+    assert set(bound["exact"]) - rungs  # and the exact counts were not all rungs
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * ref.std())
     assert bucketed.runner.session.get_session_options().enable_mem_pattern
 
