@@ -57,7 +57,7 @@ from bci_decoder.calibrate import (
 )
 from bci_decoder.data.nwb import read_nwb
 from bci_decoder.data.session import time_split
-from bci_decoder.train.checkpoint import Decoder
+from bci_decoder.model.decoder import Decoder
 
 SESSIONS = [
     "jango_20160711_wfiso",
