@@ -107,6 +107,11 @@ class ServeConfig(BaseModel):
     # processes on the machine cannot delay a step; None: normal scheduling. Needs root,
     # CAP_SYS_NICE or an rtprio limit; refused, it is reported in /status (runtime/priority.py)
     realtime_priority: int | None = Field(None, ge=1, le=99)
+    # the calibration fit's process: "idle" (SCHED_IDLE and nice 10) runs only on CPU time
+    # nothing else wants, so the decode loop never waits behind it, but beside other busy
+    # work (a shared machine, a test suite in two processes) a fit may wait minutes; "low"
+    # (nice 10 alone) gets a small share of a busy core and can delay a step on 2 cores
+    calibration_priority: Literal["idle", "low"] = "idle"
     spikes: StreamSettings = Field(default_factory=lambda: StreamSettings(type="Spikes"))
     behavior: StreamSettings | None = Field(default_factory=lambda: StreamSettings(type="Behavior"))
     control_name: str = "bci_decoder"

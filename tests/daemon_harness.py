@@ -34,6 +34,10 @@ def serve_config(state_dir: Path, models_dir: Path | None = None, **kw) -> Serve
         "behavior": StreamSettings(type="Behavior", source_id=f"replay-{tag}-behavior"),
         "control_source_id": f"control-{tag}",
         "api": {"host": "127.0.0.1", "port": free_port(), "token": TOKEN},
+        # nice alone: at SCHED_IDLE a fit beside the other test process (make test runs
+        # two) waited more than 150 s for CPU time in CI; tests that measure the decode
+        # loop during a fit ask for "idle"
+        "calibration_priority": "low",
     }
     base.update(kw)
     return ServeConfig(**base)

@@ -209,3 +209,21 @@ def test_binned_count_stream(session, state_dir):
         assert st["stream"]["kept"] == n_sent > 1000
         assert st["unknown_units"]["spikes"] == 0
         assert st["steps"] > 100 and st["errors"] == 0
+
+
+@pytest.mark.parametrize("priority", ["idle", "low"])
+def test_calibration_priority_sets_the_fit_process_policy(priority):
+    """What ``calibration_priority`` gives the fit's process: SCHED_IDLE + nice 10, or nice
+    10 alone (the test harness runs "low", so this is where "idle" is still checked)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os; from bci_decoder.runtime.priority import idle, policy_of; "
+        f"idle(10, {priority == 'idle'}); print(policy_of(os.getpid()), os.nice(0))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    policy, nice = out.stdout.split()
+    assert policy == ("idle" if priority == "idle" else "normal"), out.stdout
+    assert int(nice) == min(19, os.nice(0) + 10)

@@ -83,6 +83,7 @@ class JobSpec:
     refit: bool = True
     threads: int = 1
     nice: int = 10
+    sched_idle: bool = True  # ServeConfig.calibration_priority == "idle"
     seed: int = 0
     session_path: str | None = None  # a pickled Session written by the upload worker
     summary: dict = field(default_factory=dict)  # uploads.summarize(session)
@@ -154,7 +155,7 @@ def _worker(spec: JobSpec, q: Any) -> None:
     # SCHED_IDLE: any normal thread preempts the fit at once (nice alone still gave it a
     # share of a busy core, and on 2 cores the decode loop waited behind it)
     die_with_parent(spec.parent_pid or os.getppid())
-    idle(spec.nice)
+    idle(spec.nice, spec.sched_idle)
     import pickle
 
     import numpy as np

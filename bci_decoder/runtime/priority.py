@@ -8,7 +8,7 @@ each second for other threads (``sched_rt_runtime_us``), so a stuck loop cannot 
 the machine.
 
 ``idle()``: the calling process runs only on CPU time nothing else wants (SCHED_IDLE,
-plus ``nice``); always allowed.
+plus ``nice``), or with ``nice`` alone; always allowed.
 """
 
 from __future__ import annotations
@@ -49,13 +49,14 @@ def policy_of(tid: int | None) -> str:
     return f"{name} {prio}" if prio else name
 
 
-def idle(nice: int = 10) -> None:
-    """Lowest priority for the calling process (threads it starts later inherit it)."""
+def idle(nice: int = 10, sched_idle: bool = True) -> None:
+    """Lowest priority for the calling process (threads it starts later inherit it);
+    ``sched_idle=False``: only ``nice``, so it still gets a share of a busy machine."""
     try:
         os.nice(nice)
     except OSError:
         pass
-    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
+    if sched_idle and hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         except OSError:

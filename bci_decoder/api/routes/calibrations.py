@@ -153,6 +153,7 @@ def _start_job(daemon: Daemon, manager: CalibrationManager, reply: dict, path: s
         session=session, output=output, base_model=str(base), out_dir=str(out_dir), name=name,
         steps=body["steps"], holdout=body["holdout"], refit=body["refit"], session_path=path,
         summary=summary, mode=mode, adapt=body.get("adapt", "auto"),
+        sched_idle=daemon.cfg.calibration_priority == "idle",
     )  # fmt: skip
     Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
     return manager.submit(spec, body["source"], body["auto_apply"]).public()
