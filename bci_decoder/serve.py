@@ -86,7 +86,8 @@ def run(
             if sock is not None:
                 sock.close()
             sock = bind_port(cfg.api.host, cfg.api.port)
-        api = create_app(cfg, Daemon(cfg))
+        daemon = Daemon(cfg)
+        api = create_app(cfg, daemon)
     except (FileNotFoundError, ValueError, DaemonError, OSError) as e:
         raise ServeError(str(e)) from None
     print(
@@ -94,6 +95,14 @@ def run(
         f"http://{cfg.api.host}:{sock.getsockname()[1]} (docs at /docs)",
         flush=True,
     )
+    if cfg.realtime_priority and cfg.realtime_support_offset:
+        from bci_decoder.runtime.priority import realtime_process
+
+        # now, for the threads there are; the daemon's supervisor repeats it every second
+        # for threads started later (they come up normal, see realtime_process)
+        prio = max(1, cfg.realtime_priority - cfg.realtime_support_offset)
+        daemon.support_rt_error = realtime_process(prio)
+        daemon.support_rt_priority = prio
     server = uvicorn.Server(uvicorn_config(api))
     server.run(sockets=[sock])
 

@@ -107,6 +107,14 @@ class ServeConfig(BaseModel):
     # processes on the machine cannot delay a step; None: normal scheduling. Needs root,
     # CAP_SYS_NICE or an rtprio limit; refused, it is reported in /status (runtime/priority.py)
     realtime_priority: int | None = Field(None, ge=1, le=99)
+    # ... and with it, every other thread of the serve process (REST server, behaviour
+    # inlet, recorder, liblsl's I/O threads) at SCHED_FIFO this much lower (at least 1):
+    # at normal priority one of them, preempted by another process while it held the GIL
+    # or a lock, held the loop up (2,000 units at 100 Hz beside process-spawning and disk
+    # load: 5.3% missed with them normal, 0.04% with them real-time). None: they stay
+    # normal. Applied by ``bci-decoder serve`` only (a daemon inside another process, as
+    # in the tests, leaves that process's threads alone)
+    realtime_support_offset: int | None = Field(10, ge=1, le=98)
     # the calibration fit's process: "idle" (SCHED_IDLE and nice 10) runs only on CPU time
     # nothing else wants, so the decode loop never waits behind it, but beside other busy
     # work (a shared machine, a test suite in two processes) a fit may wait minutes; "low"

@@ -12,6 +12,7 @@ imports were refused; both must be empty.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import uuid
@@ -60,6 +61,18 @@ sys.exit(main(["serve", "--config", sys.argv[2]]))
 """
 
 
+def _thread_priorities(pid: int) -> dict[str, int]:
+    """{'tid name': SCHED_FIFO priority (0: normal)} of a process's live threads."""
+    out = {}
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            name = open(f"/proc/{pid}/task/{t}/comm").read().strip()
+            out[f"{t} {name}"] = os.sched_getparam(int(t)).sched_priority
+        except (OSError, ProcessLookupError):
+            continue  # ended meanwhile
+    return out
+
+
 def test_serve_decodes_and_calibrates_without_torch(tmp_path):
     models = tmp_path / "models"
     shutil.copytree(ROOT / "models" / "poyo-mp-small", models / "poyo-mp-small",
@@ -68,7 +81,7 @@ def test_serve_decodes_and_calibrates_without_torch(tmp_path):
     port = free_port()
     cfg = {
         "model": "poyo-mp-small", "models_dir": str(models), "state_dir": str(tmp_path / "st"),
-        "cadence_hz": 100, "autostart": True,
+        "cadence_hz": 100, "autostart": True, "realtime_priority": 50,
         "spikes": {"type": "Spikes", "source_id": f"replay-{tag}"},
         "behavior": {"type": "Behavior", "source_id": f"replay-{tag}-behavior"},
         "control_source_id": f"control-{tag}",
@@ -84,7 +97,7 @@ def test_serve_decodes_and_calibrates_without_torch(tmp_path):
     rep = Replayer(session, start=0.0, stop=120.0, source_id=cfg["spikes"]["source_id"],
                    wait_for_consumer_s=20)  # fmt: skip
     try:
-        procs.python("serve", ["-c", WRAPPER, str(report), str(tmp_path / "serve.yaml")])
+        serve = procs.python("serve", ["-c", WRAPPER, str(report), str(tmp_path / "serve.yaml")])
         wait_http(f"{url}/health", 60, lambda: procs.check("serve"))
         http = httpx.Client(base_url=url, timeout=30.0)
         rep.start()
@@ -98,6 +111,23 @@ def test_serve_decodes_and_calibrates_without_torch(tmp_path):
             time.sleep(0.5)
         st = status()
         assert st["model"]["calibrated"] is False and st["engine"]["spikes"] == 0
+        # serve's threads: the hot ones at SCHED_FIFO 50, every other one (REST server,
+        # behaviour inlet, liblsl's own) at 40, none left normal to hold the GIL or a lock
+        # the loop waits for (where the kernel refuses, the reason is in /status)
+        rt = st["realtime"]
+        if "not permitted" not in str(rt):
+            assert rt["support_priority"] == 40 and rt["threads"] == {
+                "decode_loop": "SCHED_FIFO 50", "spike_inlet": "SCHED_FIFO 50",
+                "others": "SCHED_FIFO 40",
+            }, rt  # fmt: skip
+            # threads started by the real-time ones come up normal and are raised within
+            # a second (priority.realtime_process)
+            for _ in range(10):
+                prios = _thread_priorities(serve.pid)
+                if set(prios.values()) <= {40, 50}:
+                    break
+                time.sleep(0.5)
+            assert set(prios.values()) <= {40, 50} and 50 in prios.values(), prios
         assert st["startup"]["gc_tracked_objects"] > 0
         r = http.post("/calibrations", headers=auth, json={
             "source": "buffer", "seconds": 12, "steps": 20, "holdout": 0.0, "name": "cal-t",

@@ -31,7 +31,7 @@ from bci_decoder.runtime.decode_loop import ActiveEngine, DecodeLoop, lsl_clock
 from bci_decoder.runtime.gc_pauses import GcMonitor, freeze
 from bci_decoder.runtime.guards import GuardError, check_meta, check_package
 from bci_decoder.runtime.lsl_io import BehaviorInletThread, ControlOutlet, SpikeInletThread
-from bci_decoder.runtime.priority import policy_of
+from bci_decoder.runtime.priority import policy_of, realtime_process
 from bci_decoder.runtime.ring import SpikeRing
 from bci_decoder.runtime.unit_tables import UnitTables
 from bci_decoder.serve_config import ServeConfig
@@ -174,6 +174,10 @@ class Daemon:
         # for 5 ms at each of its GIL waits (the convoy effect); 0.5 ms bounds that.
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self.cfg = cfg
+        # the other threads' SCHED_FIFO priority and why it was refused (None: not asked;
+        # ``bci-decoder serve`` sets them, priority.realtime_process)
+        self.support_rt_priority: int | None = None
+        self.support_rt_error: str | None = None
         self.state_dir = Path(cfg.state_dir)
         self.ring = SpikeRing(cfg.ring_spikes)
         self._lock = threading.RLock()  # one control operation at a time
@@ -447,7 +451,7 @@ class Daemon:
         """The hot threads' scheduling as the kernel reports it, and why real-time
         priority was refused if it was."""
         threads = {"decode_loop": self.loop, "spike_inlet": self.spike_inlet}
-        return {
+        out = {
             "priority": self.cfg.realtime_priority,
             "threads": {
                 k: th.rt_error or policy_of(th.native_id)
@@ -455,6 +459,12 @@ class Daemon:
                 if th is not None and th.is_alive()
             },
         }
+        if self.support_rt_priority is not None:  # set by ``bci-decoder serve``
+            out["support_priority"] = self.support_rt_priority
+            out["threads"]["others"] = self.support_rt_error or policy_of(
+                threading.main_thread().native_id
+            )
+        return out
 
     def _stalled(self, now: float) -> bool:
         inlet = self.spike_inlet
@@ -467,7 +477,13 @@ class Daemon:
     def _supervise(self) -> None:
         """Build the engine when the spike stream (re)connects; start the loop once."""
         inlet = self.spike_inlet
+        ticks = 0
         while not self._stop.wait(0.05):
+            ticks += 1
+            if self.support_rt_priority is not None and ticks % 20 == 0:
+                # threads started since (by real-time threads, whose children come up
+                # normal: RESET_ON_FORK) get the support priority within a second
+                self.support_rt_error = realtime_process(self.support_rt_priority)
             state = self.state
             if state != self._last_state:
                 self.record_event("state", state=state, previous=self._last_state)

@@ -5,7 +5,8 @@ normal process that wakes on the same core cannot delay it. Needs root, CAP_SYS_
 an ``rtprio`` limit (``/etc/security/limits.conf``: ``@bci - rtprio 60``); without one the
 thread stays as it was and the reason is returned for /status. The kernel keeps 5% of
 each second for other threads (``sched_rt_runtime_us``), so a stuck loop cannot freeze
-the machine.
+the machine. ``realtime_process(p)`` does the same for every normal thread of the
+process (the serve command gives its other threads a priority below the hot ones).
 
 ``idle()``: the calling process runs only on CPU time nothing else wants (SCHED_IDLE,
 plus ``nice``), or with ``nice`` alone; always allowed.
@@ -31,6 +32,45 @@ def realtime(priority: int) -> str | None:
         )
     except OSError as e:
         return f"SCHED_FIFO {priority} refused: {e}"
+    return None
+
+
+def realtime_process(priority: int) -> str | None:
+    """SCHED_FIFO ``priority`` for every thread of this process that runs at normal
+    priority now (the calling thread included, so the threads it starts later inherit it).
+    Threads already real-time keep theirs. Threads and processes these threads start come
+    up normal (RESET_ON_FORK: a calibration fit or upload parse must never run real-time),
+    so the daemon calls this again every second. Returns None on success, else why not
+    (the first refusal).
+
+    Why: a normal thread of the daemon (the REST server, another inlet, the recorder,
+    liblsl's own I/O threads) can hold the GIL or a lock the decode loop needs; when
+    another process preempts it there, the SCHED_FIFO loop waits as long as it is off
+    the CPU (priority inversion)."""
+    if not hasattr(os, "sched_setscheduler"):
+        return "real-time scheduling needs Linux"
+    policy = os.SCHED_FIFO | getattr(os, "SCHED_RESET_ON_FORK", 0)
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError as e:
+        return f"cannot list this process's threads: {e}"
+    for tid in tids:
+        try:
+            if (
+                os.sched_getscheduler(tid) & ~getattr(os, "SCHED_RESET_ON_FORK", 0)
+                != os.SCHED_OTHER
+            ):
+                continue
+            os.sched_setscheduler(tid, policy, os.sched_param(priority))
+        except ProcessLookupError:
+            continue  # the thread ended meanwhile
+        except PermissionError:
+            return (
+                "not permitted: run as a user with an rtprio limit >= "
+                f"{priority} (limits.conf) or CAP_SYS_NICE"
+            )
+        except OSError as e:
+            return f"SCHED_FIFO {priority} refused: {e}"
     return None
 
 
