@@ -148,8 +148,10 @@ def run(
             procs.python("serve-other", ["-m", "bci_decoder.cli", "serve", "--config",
                                          str(work / "serve-other.yaml")])  # fmt: skip
             wait_http(nf_url + "/health", 180, lambda: procs.check("serve-other"))
+        # the echo at the daemon's priority, so the floor is fair
+        rt_echo = ["--realtime-priority", str(realtime_priority)] if realtime_priority else []
         procs.python("echo", ["-m", "bci_decoder.runtime.echo", "--spikes-source-id", spikes_id,
-                              "--source-id", echo_id, "--cadence", str(cadence)])  # fmt: skip
+                              "--source-id", echo_id, "--cadence", str(cadence), *rt_echo])  # fmt: skip
         wait_http(url + "/health", 180, lambda: procs.check("serve"))
         extra = ["--stream", f"other=Control:{nf_id}"] if comparing else []
         procs.python("client", ["-m", "bci_decoder.runtime.client",

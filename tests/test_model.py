@@ -194,3 +194,50 @@ def test_corrupt_checkpoint_gives_clear_error(tmp_path, model):
         Decoder.load(tmp_path / "m")
     with pytest.raises(FileNotFoundError, match="not a model folder"):
         Decoder.load(tmp_path / "nothing")
+
+
+def test_bursty_rows_are_encoded_in_buckets_with_the_same_result(model):
+    """A burst (one group of 400 spikes among groups of ~10) pads every group of the
+    batch to 400 in one encode call; encode_rows buckets rows by width instead. Outputs
+    and gradients equal the single padded call's, and the bucketed path is the one taken."""
+    rng = np.random.default_rng(3)
+    t = np.sort(np.concatenate([rng.uniform(0, 3, 300), rng.uniform(1.01, 1.04, 400)]))
+    u = rng.integers(1, 21, t.size)
+    q = np.sort(rng.uniform(0.5, 3.0, 20))
+    b = to_torch(collate_causal([tokenize_causal(t, u, 1, 60, STEP, q)]), CAUSAL_KEYS)
+    assert b["spike_unit"].shape[-1] >= 400 and b["spike_mask"].float().mean() < 0.2
+
+    calls = []
+    encode = POYO.encode
+
+    def counting(self, *a, **kw):
+        calls.append(a[1].shape)  # k (1, R, S, H, Dh)
+        return encode(self, *a, **kw)
+
+    def padded(self, units, times, mask, row_time, elapsed):  # one call, every row padded
+        B, R, S = units.shape
+        k, v = self.spike_keys(units, times)
+        usum = self._unit_sum(units.flatten(0, 1), mask.flatten(0, 1)).unflatten(0, (B, R))
+        return self.encode(self.phases(row_time), k, v, mask, usum, elapsed)
+
+    results = {}
+    for name in ("bucketed", "padded"):
+        m = POYO(CFG, num_units=21, num_sessions=2, outputs={"hand_vel": 2, "force": 2})
+        m.load_state_dict(model.state_dict())
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(POYO, "encode", counting)
+            if name == "padded":
+                mp.setattr(POYO, "encode_rows", padded)
+            calls.clear()
+            pred = m.forward_causal(**b)[0]
+            (pred**2).sum().backward()
+        results[name] = (
+            pred.detach(),
+            m.unit_emb.weight.grad,
+            len(calls),
+            max(c[2] for c in calls),
+        )
+    (pb, gb, nb, wb), (pp, gp, npad, wp) = results["bucketed"], results["padded"]
+    assert nb > 1 and npad == 1 and wb == wp  # only the burst's bucket is that wide
+    torch.testing.assert_close(pb, pp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gb, gp, rtol=1e-4, atol=1e-6)

@@ -17,6 +17,7 @@ import numpy as np
 
 from bci_decoder.runtime.decode_loop import ActiveEngine, DecodeLoop
 from bci_decoder.runtime.lsl_io import ControlOutlet, SpikeInletThread
+from bci_decoder.runtime.priority import realtime_process
 from bci_decoder.runtime.ring import SpikeRing
 from bci_decoder.serve_config import StreamSettings
 
@@ -45,21 +46,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spikes-source-id", required=True)
     p.add_argument("--source-id", default="bci_echo")
     p.add_argument("--cadence", type=float, default=100.0)
+    p.add_argument("--realtime-priority", type=int, default=None, metavar="P",
+                   help="SCHED_FIFO P for the loop and the inlet and P-10 for the other "
+                   "threads, as bci-decoder serve with realtime_priority: P (default: normal)")  # fmt: skip
     a = p.parse_args(argv)
+    rt = a.realtime_priority
     ring = SpikeRing(4_000_000)
-    inlet = SpikeInletThread(StreamSettings(type="Spikes", source_id=a.spikes_source_id), ring)
+    inlet = SpikeInletThread(
+        StreamSettings(type="Spikes", source_id=a.spikes_source_id), ring, rt_priority=rt
+    )
     inlet.start()
     outlet = ControlOutlet("bci_echo", a.source_id, "echo", ["seen", "zero"], a.cadence)
     inlet.connected.wait()
     unit_map = np.arange(max(len(inlet.labels), 1) + 1_000_000, dtype=np.int64)
     active = ActiveEngine(EchoEngine(), unit_map, ring.written, ["seen", "zero"], "echo", "echo",
                           True, "echo")  # fmt: skip
-    loop = DecodeLoop(ring, active, outlet.push, cadence_hz=a.cadence)
+    loop = DecodeLoop(ring, active, outlet.push, cadence_hz=a.cadence, rt_priority=rt)
     loop.start()
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     try:
-        done.wait()
+        # the other threads as the daemon's supervisor keeps them (threads started by
+        # real-time ones come up normal)
+        while not done.wait(1.0):
+            if rt:
+                realtime_process(max(1, rt - 10))
     except KeyboardInterrupt:
         pass
     loop.stop()
