@@ -301,8 +301,12 @@ class SecondStage:
     # chewie_20131003 0.559/0.529/0.537 (60/44/45), mihi_20140303 0.723/0.707/0.702
     # (48/37/39), spike_20120904 0.721/0.770/0.775 (149/102/107), spike_20121017
     # 0.773/0.752/0.757 (230/179/182): mean 0.701/0.720/0.725, but drops of 0.02-0.03 on
-    # three sessions, so it stays off by default.
-    refit_steps: int = 0
+    # three sessions, so it stayed off. Once the bucketed encoder (POYO.encode_rows) had
+    # made the Spike days' steps 4x cheaper, the old default still took 57-73 CPU s on
+    # these five and n=40 took 42-55 s (all under issue 8's 60 s on one thread), mean
+    # +0.019, worst -0.030 (chewie), within the default's seed-to-seed spread (up to
+    # 0.043): benchmarks/results/calibration_cost.txt. On by default since.
+    refit_steps: int = 40
     refit_lr: float = 1.0 / 3.0
     refit_warmup: float = 0.1
 

@@ -284,13 +284,20 @@ def draw(runs: list[dict], path: Path) -> None:
     ax.legend(fontsize=7, loc="lower left")
     ax.set_title("per-session full fine-tuning vs the reference GRU")
     ax = axes[1]
-    for (s, t), r in by.items():
-        c = np.array(r["valid_curve"])
-        ax.plot(c[:, 0], c[:, 1] - c[0, 1], marker=".", label=f"{s} [{t.split(',')[1]}]")
+    styles = ["-", "--", ":", "-."]
+    for j, s in enumerate(sessions):
+        for i, t in enumerate(tags):
+            if (s, t) not in by:
+                continue
+            c = np.array(by[(s, t)]["valid_curve"])
+            ax.plot(c[:, 0], c[:, 1] - c[0, 1], marker=".", ls=styles[i % 4], color=f"C{j}",
+                    label=s if i == 0 else None)  # fmt: skip
+    for i, t in enumerate(tags):
+        ax.plot([], [], ls=styles[i % 4], color="k", label=t)
     ax.axhline(0, color="0.45", lw=0.8)
     ax.set_xlabel("fine-tune step")
     ax.set_ylabel("valid R² − pretrained valid R²")
-    ax.set_title("valid curves (.valid, 63-70%)")
+    ax.set_title("valid curves (.valid, 63-70%); line style = setting")
     ax.legend(fontsize=6)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

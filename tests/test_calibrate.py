@@ -96,12 +96,13 @@ def test_adapt_keeps_the_second_stage_only_where_the_slice_says_so(one_thread, s
 
     span, st = (0.0, 30.0), CalibrationSettings(steps=6, seed=1)
     plain = fit_units(shipped, unseen, "hand_vel", span, st)
-    never = SecondStage(steps=4, eval_every=2, min_gain=10.0)  # cannot gain 10 R²
+    # refit_steps=0: the whole block fitted from the start (the refit has its own test)
+    never = SecondStage(steps=4, eval_every=2, min_gain=10.0, refit_steps=0)  # cannot gain 10 R²
     dec, report = adapt(shipped, unseen, "hand_vel", span, st, never)
     assert report["second_stage"] is False and len(report["curve"]) == 3
     for a, b in zip(dec.model.parameters(), plain.model.parameters(), strict=True):
         assert torch.equal(a, b)
-    always = SecondStage(steps=4, eval_every=2, min_gain=-10.0)
+    always = SecondStage(steps=4, eval_every=2, min_gain=-10.0, refit_steps=0)
     dec, report = adapt(shipped, unseen, "hand_vel", span, st, always)
     assert report["second_stage"] is True and report["second_stage_steps"] in (2, 4)
     assert torch.equal(dec.model.unit_emb.weight, plain.model.unit_emb.weight)
