@@ -14,7 +14,9 @@ A setting (``--configs``) is ``default`` or comma-separated ``key=value`` pairs,
     batch_size     CalibrationSettings.batch_size (sequences per step at most, 8)
     steps          CalibrationSettings.steps (unit identification steps, 150)
     seed           CalibrationSettings.seed (0)
-    refit_steps    SecondStage.refit_steps (0: refit the whole block from scratch)
+    refit_steps    SecondStage.refit_steps (0: refit the whole block from scratch; the
+                   default is 40 since d862de5, and the stored "default" rows, measured
+                   at e02442b, are refit_steps=0)
     ss_steps       SecondStage.steps (second-stage steps scored on the slice, 80)
 
 e.g. ``spike_budget=8000,refit_steps=40``. The fit-to-fit noise is the default at seed 1
