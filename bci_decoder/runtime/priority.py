@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import os
 
+_RESET = getattr(os, "SCHED_RESET_ON_FORK", 0)
 
-def realtime(priority: int) -> str | None:
-    """SCHED_FIFO for the calling thread. Returns None on success, else why not."""
-    if not hasattr(os, "sched_setscheduler"):
-        return "real-time scheduling needs Linux"
-    # RESET_ON_FORK: processes started from this thread (none today) come back to normal
-    policy = os.SCHED_FIFO | getattr(os, "SCHED_RESET_ON_FORK", 0)
+
+def _fifo(tid: int, priority: int) -> str | None:
+    """SCHED_FIFO ``priority`` for thread ``tid`` (0: the caller), RESET_ON_FORK: the
+    threads and processes it starts come up normal. None on success, else why not."""
     try:
-        os.sched_setscheduler(0, policy, os.sched_param(priority))
+        os.sched_setscheduler(tid, os.SCHED_FIFO | _RESET, os.sched_param(priority))
+    except ProcessLookupError:
+        return None  # the thread ended meanwhile: nothing to set
     except PermissionError:
         return (
             "not permitted: run as a user with an rtprio limit >= "
@@ -35,13 +36,19 @@ def realtime(priority: int) -> str | None:
     return None
 
 
+def realtime(priority: int) -> str | None:
+    """SCHED_FIFO for the calling thread. Returns None on success, else why not."""
+    if not hasattr(os, "sched_setscheduler"):
+        return "real-time scheduling needs Linux"
+    return _fifo(0, priority)
+
+
 def realtime_process(priority: int) -> str | None:
     """SCHED_FIFO ``priority`` for every thread of this process that runs at normal
-    priority now (the calling thread included, so the threads it starts later inherit it).
-    Threads already real-time keep theirs. Threads and processes these threads start come
-    up normal (RESET_ON_FORK: a calibration fit or upload parse must never run real-time),
-    so the daemon calls this again every second. Returns None on success, else why not
-    (the first refusal).
+    priority now; threads already real-time keep theirs. Threads and processes started
+    later come up normal (RESET_ON_FORK: a calibration fit or an upload parse must never
+    run real-time), so the daemon calls this again every second. Returns None on
+    success, else why not (the first refusal).
 
     Why: a normal thread of the daemon (the REST server, another inlet, the recorder,
     liblsl's own I/O threads) can hold the GIL or a lock the decode loop needs; when
@@ -49,28 +56,21 @@ def realtime_process(priority: int) -> str | None:
     the CPU (priority inversion)."""
     if not hasattr(os, "sched_setscheduler"):
         return "real-time scheduling needs Linux"
-    policy = os.SCHED_FIFO | getattr(os, "SCHED_RESET_ON_FORK", 0)
     try:
         tids = [int(t) for t in os.listdir("/proc/self/task")]
     except OSError as e:
         return f"cannot list this process's threads: {e}"
     for tid in tids:
         try:
-            if (
-                os.sched_getscheduler(tid) & ~getattr(os, "SCHED_RESET_ON_FORK", 0)
-                != os.SCHED_OTHER
-            ):
+            if os.sched_getscheduler(tid) & ~_RESET != os.SCHED_OTHER:
                 continue
-            os.sched_setscheduler(tid, policy, os.sched_param(priority))
         except ProcessLookupError:
             continue  # the thread ended meanwhile
-        except PermissionError:
-            return (
-                "not permitted: run as a user with an rtprio limit >= "
-                f"{priority} (limits.conf) or CAP_SYS_NICE"
-            )
         except OSError as e:
-            return f"SCHED_FIFO {priority} refused: {e}"
+            return f"cannot read thread {tid}'s policy: {e}"
+        err = _fifo(tid, priority)
+        if err is not None:
+            return err
     return None
 
 
@@ -79,7 +79,7 @@ def policy_of(tid: int | None) -> str:
     if tid is None or not hasattr(os, "sched_getscheduler"):
         return "unknown"
     try:
-        policy = os.sched_getscheduler(tid) & ~getattr(os, "SCHED_RESET_ON_FORK", 0)
+        policy = os.sched_getscheduler(tid) & ~_RESET
         prio = os.sched_getparam(tid).sched_priority
     except OSError:
         return "unknown"
