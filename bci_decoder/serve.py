@@ -95,7 +95,9 @@ def run(
         f"http://{cfg.api.host}:{sock.getsockname()[1]} (docs at /docs)",
         flush=True,
     )
-    if cfg.realtime_priority and cfg.realtime_support_offset:
+    # (not with onnx_threads > 1: ONNX Runtime's pool threads spin between runs, and a
+    # spinning real-time thread would keep a core from everything else on the machine)
+    if cfg.realtime_priority and cfg.realtime_support_offset and cfg.onnx_threads == 1:
         from bci_decoder.runtime.priority import realtime_process
 
         # now, for the threads there are; the daemon's supervisor repeats it every second

@@ -113,7 +113,8 @@ class ServeConfig(BaseModel):
     # or a lock, held the loop up (2,000 units at 100 Hz beside process-spawning and disk
     # load: 5.3% missed with them normal, 0.04% with them real-time). None: they stay
     # normal. Applied by ``bci-decoder serve`` only (a daemon inside another process, as
-    # in the tests, leaves that process's threads alone)
+    # in the tests, leaves that process's threads alone), and only with onnx_threads 1
+    # (ONNX Runtime's pool threads spin: real-time, they would hold a core)
     realtime_support_offset: int | None = Field(10, ge=1, le=98)
     # the calibration fit's process: "idle" (SCHED_IDLE and nice 10) runs only on CPU time
     # nothing else wants, so the decode loop never waits behind it, but beside other busy
