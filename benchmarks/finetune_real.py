@@ -127,7 +127,7 @@ def run_one(decoder: Decoder, session, output: str, args: argparse.Namespace) ->
     split = time_split(session)
     st, stage = settings(args)
     sid = session.session_id
-    c0, t0 = time.process_time(), time.perf_counter()
+    c0 = time.process_time()
     base = score_span(decoder, session, output, split.test)
     base_cpu = time.process_time() - c0
     print(f"{sid}: base test R² {base:.3f} ({base_cpu:.0f} CPU s)", flush=True)
@@ -140,7 +140,7 @@ def run_one(decoder: Decoder, session, output: str, args: argparse.Namespace) ->
             marks.append((step, time.process_time() - c1))
             print(
                 f"  step {step:>5}  loss (mean of last {stage.eval_every}) "
-                f"{np.mean(losses[-stage.eval_every:]):.4f}  {time.process_time() - c1:7.0f} CPU s",
+                f"{np.mean(losses[-stage.eval_every :]):.4f}  {time.process_time() - c1:7.0f} CPU s",
                 flush=True,
             )
 
@@ -270,7 +270,7 @@ def draw(runs: list[dict], path: Path) -> None:
     ax = axes[0]
     x = np.arange(len(sessions))
     width = 0.8 / (2 + len(tags))
-    base = [next((by[(s, t)]["base_test_r2"] for t in tags if (s, t) in by)) for s in sessions]
+    base = [next(by[(s, t)]["base_test_r2"] for t in tags if (s, t) in by) for s in sessions]
     ax.bar(x - 0.4 + width / 2, [REF_GRU[s] for s in sessions], width, color="0.45",
            label="reference GRU")  # fmt: skip
     ax.bar(x - 0.4 + 1.5 * width, base, width, color="tab:blue", label="pretrained")
@@ -363,8 +363,10 @@ def main(argv: list[str] | None = None) -> None:
     decoder = Decoder.load(args.model)
     tag = tag_of(args)
     for sid in args.sessions:
-        if not args.cost and not args.rerun and any(
-            (r["session"], r["tag"]) == (sid, tag) for r in runs
+        if (
+            not args.cost
+            and not args.rerun
+            and any((r["session"], r["tag"]) == (sid, tag) for r in runs)
         ):
             print(f"{sid}: {tag} in {args.json}: skipped", flush=True)
             continue
