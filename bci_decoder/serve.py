@@ -98,13 +98,11 @@ def run(
     # (not with onnx_threads > 1: ONNX Runtime's pool threads spin between runs, and a
     # spinning real-time thread would keep a core from everything else on the machine)
     if cfg.realtime_priority and cfg.realtime_support_offset and cfg.onnx_threads == 1:
-        from bci_decoder.runtime.priority import realtime_process
+        from bci_decoder.runtime.priority import support_priority
 
-        # now, for the threads there are; the daemon's supervisor repeats it every second
-        # for threads started later (they come up normal, see realtime_process)
-        prio = max(1, cfg.realtime_priority - cfg.realtime_support_offset)
-        daemon.support_rt_error = realtime_process(prio)
-        daemon.support_rt_priority = prio
+        daemon.raise_support_threads(
+            support_priority(cfg.realtime_priority, cfg.realtime_support_offset)
+        )
     server = uvicorn.Server(uvicorn_config(api))
     server.run(sockets=[sock])
 

@@ -447,6 +447,13 @@ class Daemon:
             self.record_event("close")
             self.recorder.close()
 
+    def raise_support_threads(self, priority: int) -> None:
+        """Every normal thread of this process to SCHED_FIFO ``priority``, now and (from
+        the supervisor) every second after; ``bci-decoder serve`` asks for it, /status
+        reports it (priority.realtime_process)."""
+        self.support_rt_priority = priority
+        self.support_rt_error = realtime_process(priority)
+
     def _realtime(self) -> dict:
         """The hot threads' scheduling as the kernel reports it, and why real-time
         priority was refused if it was."""
@@ -483,7 +490,7 @@ class Daemon:
             if self.support_rt_priority is not None and ticks % 20 == 0:
                 # threads started since (by real-time threads, whose children come up
                 # normal: RESET_ON_FORK) get the support priority within a second
-                self.support_rt_error = realtime_process(self.support_rt_priority)
+                self.raise_support_threads(self.support_rt_priority)
             state = self.state
             if state != self._last_state:
                 self.record_event("state", state=state, previous=self._last_state)

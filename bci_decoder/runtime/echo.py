@@ -17,7 +17,7 @@ import numpy as np
 
 from bci_decoder.runtime.decode_loop import ActiveEngine, DecodeLoop
 from bci_decoder.runtime.lsl_io import ControlOutlet, SpikeInletThread
-from bci_decoder.runtime.priority import realtime_process
+from bci_decoder.runtime.priority import realtime_process, support_priority
 from bci_decoder.runtime.ring import SpikeRing
 from bci_decoder.serve_config import StreamSettings
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         # real-time ones come up normal)
         while not done.wait(1.0):
             if rt:
-                realtime_process(max(1, rt - 10))
+                realtime_process(support_priority(rt))
     except KeyboardInterrupt:
         pass
     loop.stop()

@@ -43,6 +43,11 @@ def realtime(priority: int) -> str | None:
     return _fifo(0, priority)
 
 
+def support_priority(priority: int, offset: int = 10) -> int:
+    """SCHED_FIFO priority of a process's other threads: ``offset`` below its hot ones."""
+    return max(1, priority - offset)
+
+
 def realtime_process(priority: int) -> str | None:
     """SCHED_FIFO ``priority`` for every thread of this process that runs at normal
     priority now; threads already real-time keep theirs. Threads and processes started
