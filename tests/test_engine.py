@@ -153,7 +153,8 @@ def test_exact_after_36000_s_shift(setup, mode):
 
 
 def test_offline_decode_equals_streaming(setup):
-    """``decode`` (a group's queries and its finish in one batch run) == push + step."""
+    """``decode`` (the chunk graph: many groups' queries and finishes in one run) ==
+    push + step."""
     dec, session, _ = setup
     queries = 0.5 + 0.01 * np.arange(2_000) + 0.0003
     ref = offline(dec, session, queries)
@@ -168,6 +169,38 @@ def test_offline_decode_equals_streaming(setup):
         decode_stream(dec, session, "hand_vel", q2),
         decode_causal(dec, times, units, sidx, "hand_vel", q2),
     )
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_chunked_decode_equals_streaming_at_any_chunk_size(setup, backend):
+    """The chunk graph (G groups per run, the last Wb groups' rows carried to the next
+    run) gives streaming's outputs and counters whatever G is, with irregular queries
+    (groups with none, groups with several, one at a group's end), and leaves the
+    streaming state: pushing and stepping on after ``decode`` continues one pass (its
+    pushes of the last group's later spikes are refused as late: decode took them)."""
+    dec, session, onnx_path = setup
+    rng = np.random.default_rng(3)
+    queries = np.sort(np.concatenate([rng.uniform(0.4, 9.0, 300), [2.0, 2.05, 4.5]]))
+    queries = queries[(queries < 3.0) | (queries > 3.6)]  # 12 groups without a query
+    kw = {} if backend == "onnx" else {"backend": "torch", "onnx_path": None}
+    ref_eng = engine(setup, **kw)
+    ref = stream(ref_eng, session, queries)
+    ref_stats = ref_eng.stats()
+    t, u = session.spike_times, session.spike_units
+    j = int(np.searchsorted(t, queries[-1], side="right"))
+    tq = float(t[j + 99])
+    ref_eng.push(t[j : j + 100], u[j : j + 100])
+    ref_next = ref_eng.step(tq)
+    for chunk_spikes in (1, 700, 2**15):  # one group a run, ~3, the whole recording
+        eng = engine(setup, **kw)
+        eng.CHUNK_SPIKES = chunk_spikes
+        got = eng.decode(t, u, queries, normalised=True)
+        assert_close(got, ref)
+        a, b = eng.stats(), ref_stats
+        # decode also finishes the last query's group, with all of its spikes
+        assert (a.steps, a.groups_finished) == (b.steps, b.groups_finished + 1)
+        eng.push(t[j : j + 100], u[j : j + 100])
+        assert np.abs(eng.step(tq) - ref_next).max() <= TOL * ref_eng.norm.std.max()
 
 
 def test_two_worker_decode_equals_one(setup):

@@ -3,7 +3,7 @@
 Four graphs (``bci_decoder.model.step``), float32, opset 17:
   causal_step.onnx    the partial group at t and the readout (run every step)
   causal_finish.onnx  a finished group's per-layer cache rows (run once per group)
-  causal_batch.onnx   both for all queries of a group at once (offline decoding)
+  causal_chunk.onnx   both for every query and finish of G groups at once (offline)
   window_step.onnx    window mode: latents recomputed from cached spike keys
 The per-unit tables (encoder keys/values, embeddings, the <null> token, the output
 query) are inputs, so a calibration changes data, not the graphs. Each graph carries the
@@ -24,7 +24,8 @@ import torch
 from bci_decoder.model import layout
 from bci_decoder.model.decoder import Decoder, package_of
 from bci_decoder.model.package import ModelPackage, file_sha256
-from bci_decoder.model.step import WINDOW_INPUTS, CausalKVStep, WindowKVStep
+from bci_decoder.model.phases import rotation_rows
+from bci_decoder.model.step import WINDOW_INPUTS, CausalChunk, CausalKVStep, WindowKVStep
 
 OPSET = 17
 GRAPHS = layout.GRAPHS
@@ -93,6 +94,45 @@ def causal_feeds(
     return feeds
 
 
+def chunk_feeds(
+    decoder: Decoder, groups: int, blocks: int, spikes: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Random but well-formed inputs of the chunk graph: ``groups`` groups of ``blocks``
+    row blocks, up to ``spikes`` spikes each, some cached groups before the chunk unseen."""
+    d = _dims(decoder)
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    Hc, Hs, Dh, D, n, L = d["Hc"], d["Hs"], d["Dh"], d["D"], d["n"], d["L"]
+    G, B, S, Wb = groups, blocks, spikes, L // n
+    seen = rng.integers(0, S + 1, (G, B))
+    periods = package_of(decoder).periods
+    ts, tb = rng.uniform(0, 100, (G, S)), rng.uniform(0, 100, (G, B))  # spike, block times
+    dt = rng.uniform(0, decoder.config.context, (G, B, Wb))
+    dt[: G // 2, :, : Wb // 3] = np.inf  # early groups: cache rows before the stream
+    feeds = {
+        "spike_k": rng.normal(size=(Hc, G, S, Dh)).astype(f32),
+        "spike_v": rng.normal(size=(Hc, G, S, Dh)).astype(f32),
+        **dict(zip(("spike_cos", "spike_sin"), rotation_rows(ts, periods, Dh), strict=True)),
+        "spike_bias": np.where(np.arange(S) < seen[..., None], f32(0), f32(-np.inf)),
+        "count_feat": np.concatenate(
+            [rng.normal(size=(G, B, D)), rng.uniform(0, 1, (G, B, 1))], 2
+        ).astype(f32),
+        **dict(zip(("rot_cos", "rot_sin"), rotation_rows(tb, periods, Dh), strict=True)),
+        "band_dt": np.repeat(dt, n, axis=2).astype(f32),
+        "band_idx": np.arange(G)[:, None] + np.arange(Wb),
+        "null_k": rng.normal(size=(Hc, 1, Dh)).astype(f32),
+        "null_v": rng.normal(size=(Hc, 1, Dh)).astype(f32),
+        "dec_q": rng.normal(size=(Hc, 1, Dh)).astype(f32),
+        "query": rng.normal(size=(1, D)).astype(f32),
+        "prev_dk": rng.normal(size=(Hc, L, Dh)).astype(f32),
+        "prev_dv": rng.normal(size=(Hc, L, Dh)).astype(f32),
+    }
+    for i in range(d["depth"]):
+        feeds[f"prev_k{i}"] = rng.normal(size=(Hs, L, Dh)).astype(f32)
+        feeds[f"prev_v{i}"] = rng.normal(size=(Hs, L, Dh)).astype(f32)
+    return feeds
+
+
 def window_feeds(decoder: Decoder, spikes: int, seed: int = 0) -> dict[str, np.ndarray]:
     d = _dims(decoder)
     rng = np.random.default_rng(seed)
@@ -118,14 +158,11 @@ def step_modules(decoder: Decoder) -> dict[str, tuple[torch.nn.Module, list[str]
     """name -> (module, input names, output names) of the step graphs."""
     model = decoder.model.eval()
     out = {}
-    for name, readout, emit in [
-        ("causal_step", True, False),
-        ("causal_finish", False, True),
-        ("causal_batch", True, True),
-    ]:
-        m = CausalKVStep(model, readout=readout, emit=emit, fused_qkv=name != "causal_batch")
-        m.eval()
+    for name, readout, emit in [("causal_step", True, False), ("causal_finish", False, True)]:
+        m = CausalKVStep(model, readout=readout, emit=emit).eval()
         out[name] = (m, m.input_names, m.output_names)
+    chunk = CausalChunk(model).eval()
+    out["causal_chunk"] = (chunk, chunk.input_names, chunk.output_names)
     out["window_step"] = (WindowKVStep(model).eval(), WINDOW_INPUTS, ["prediction"])
     return out
 
@@ -144,6 +181,24 @@ def _to_onnx(module: torch.nn.Module, feeds: dict, names: list[str], outputs: li
             "new_v": {1: "rows"},
             "new_dk": {1: "rows"},
             "new_dv": {1: "rows"},
+        }
+    if isinstance(module, CausalChunk):
+        dynamic = {
+            "spike_k": {1: "groups", 2: "spikes"},
+            "spike_v": {1: "groups", 2: "spikes"},
+            "spike_cos": {0: "groups", 1: "spikes"},
+            "spike_sin": {0: "groups", 1: "spikes"},
+            "spike_bias": {0: "groups", 1: "blocks", 2: "spikes"},
+            "count_feat": {0: "groups", 1: "blocks"},
+            "rot_cos": {0: "groups", 1: "blocks"},
+            "rot_sin": {0: "groups", 1: "blocks"},
+            "band_dt": {0: "groups", 1: "blocks"},
+            "band_idx": {0: "groups"},
+            "prediction": {0: "groups", 1: "blocks"},
+            "new_k": {1: "groups"},
+            "new_v": {1: "groups"},
+            "new_dk": {1: "groups"},
+            "new_dv": {1: "groups"},
         }
     dynamic = {k: v for k, v in dynamic.items() if k in names or k in outputs}
     buf = io.BytesIO()
@@ -172,6 +227,8 @@ def _check(decoder: Decoder, name: str, module, names, graph: bytes, cases: list
     for seed, (spikes, queries) in enumerate(cases):
         if name == "window_step":
             feeds = window_feeds(decoder, spikes, seed)
+        elif name == "causal_chunk":
+            feeds = chunk_feeds(decoder, *spikes, seed=seed)
         else:
             feeds = causal_feeds(decoder, spikes, queries, seed)
         got = sess.run(None, {k: v for k, v in feeds.items() if k in used})
@@ -206,8 +263,11 @@ def build_graphs(decoder: Decoder, capacity: int = 2048, window_capacity: int = 
         if name == "window_step":
             example = window_feeds(decoder, max(window_capacity // 3, 1))
             cases = [(0, 1), (7, 1), (window_capacity, 1)]
+        elif name == "causal_chunk":  # cases: ((groups, blocks, spikes), unused)
+            example = chunk_feeds(decoder, 5, 3, 11)
+            cases = [((1, 1, 1), 0), ((9, 4, 30), 0), ((40, 6, 7), 0)]
         else:
-            example = causal_feeds(decoder, max(capacity // 3, 1), 2 if "batch" in name else 1)
+            example = causal_feeds(decoder, max(capacity // 3, 1))
             cases = [(0, 1), (7, 1), (capacity, 1), (40, 3)]
         graph = _to_onnx(module, example, names, outputs)
         _check(decoder, name, module, names, graph, cases)
@@ -259,6 +319,8 @@ def export_package(
         tmp.replace(layout.graph_file(out, name))
     package_of(decoder, weights_sha256, capacity, window_capacity).write(out)
     (out / "export.json").unlink(missing_ok=True)  # the pre-package format's index
+    # the offline graph before causal_chunk (one group per run)
+    layout.graph_file(out, "causal_batch").unlink(missing_ok=True)
     return out
 
 

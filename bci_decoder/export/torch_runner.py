@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bci_decoder.model.step import CausalKVStep, WindowKVStep
+from bci_decoder.model.step import CausalChunk, CausalKVStep, WindowKVStep
 
 
 class TorchStepRunner:
@@ -45,6 +45,14 @@ class TorchStepRunner:
         for name, o in zip(self.output_names, out, strict=True):
             np.copyto(self._outputs[name], o.numpy().reshape(self._outputs[name].shape))
 
+    @torch.no_grad()
+    def call(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One run with every input fed; the outputs as new arrays."""
+        arrays = (np.asarray(feeds[k]) for k in self.input_names)
+        # torch wants writable arrays: copy read-only tables
+        out = self.module(*(torch.from_numpy(a if a.flags.writeable else a.copy()) for a in arrays))
+        return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
+
     def providers(self) -> list[str]:
         return ["torch"]
 
@@ -55,7 +63,7 @@ def torch_runner(decoder, name: str) -> TorchStepRunner:
     make = {
         "causal_step": lambda: CausalKVStep(model, readout=True, emit=False),
         "causal_finish": lambda: CausalKVStep(model, readout=False, emit=True),
-        "causal_batch": lambda: CausalKVStep(model, True, True, fused_qkv=False),
+        "causal_chunk": lambda: CausalChunk(model),
         "window_step": lambda: WindowKVStep(model),
     }
     return TorchStepRunner(make[name]())

@@ -52,6 +52,23 @@ def phase_rows(t: np.ndarray | float, periods: np.ndarray, dim_head: int) -> np.
     return out
 
 
+def rotation_rows(
+    t: np.ndarray, periods: np.ndarray, dim_head: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """C = [cos | cos] and S = [-sin | sin] (..., Dh) float32 of times t (...), 1 and 0
+    on the unrotated pairs: x rotated at t is x ⊙ C + swap(x) ⊙ S, swap exchanging the
+    halves of each head (the offline chunk graph's elementwise rotation)."""
+    ang = angles(t, periods)
+    half, F = dim_head // 2, periods.size
+    c = np.ones((*ang.shape[:-1], dim_head), np.float32)
+    s = np.zeros((*ang.shape[:-1], dim_head), np.float32)
+    c[..., :F] = np.cos(ang)
+    c[..., half : half + F] = c[..., :F]
+    s[..., half : half + F] = np.sin(ang)
+    s[..., :F] = -s[..., half : half + F]
+    return c, s
+
+
 class PhaseScratch:
     """``phase_rows`` of one time into a preallocated row, without allocating: the
     per-step phases of the decode loop."""

@@ -21,7 +21,10 @@ rows; B = 1 when streaming) attend to a per-layer key/value cache of finished gr
 keys rotated at their group's time and values, exactly what ``POYO.forward_causal``
 computes from the cached states, but projected once, when the group finishes, instead
 of at every step. ``WindowKVStep`` (window mode): latents at t - W + k·s recomputed from
-the cached, pre-rotated spike keys of the window.
+the cached, pre-rotated spike keys of the window. ``CausalChunk`` (offline causal
+decoding): every query and every group's finish of G groups in one run, layer by layer;
+its batches are large, so it is written for arithmetic, not nodes (rows heads first,
+rotations elementwise, spikes rotated in the graph).
 
 Everything that needs float64 (phases, time differences) is computed by the caller, so
 the graphs are float32 only.
@@ -271,9 +274,8 @@ class CausalKVStep(nn.Module):
 
     The B queries are rows, not a batch dimension: their n latents each are stacked into
     B·n rows that attend to the cache and, through the ``dt`` / ``spike_bias`` masks,
-    only to their own query's rows. With B = 1 (streaming) this is the smallest graph;
-    offline decoding runs all queries of a group, plus the group's finish at its end
-    time as the last query, in one run.
+    only to their own query's rows. Streaming runs B = 1, the smallest graph; offline
+    decoding runs ``CausalChunk``, the same function for many groups at once.
 
     ``readout``: output ``prediction`` (B, sum of head dims). ``emit``: output the rows'
     cache entries ``new_k``, ``new_v`` (depth·Hs, B·n, Dh), ``new_dk``, ``new_dv``
@@ -281,18 +283,12 @@ class CausalKVStep(nn.Module):
     are the finished group's cache rows.
     """
 
-    def __init__(
-        self, model: POYO, readout: bool = True, emit: bool = False, fused_qkv: bool = True
-    ) -> None:
+    def __init__(self, model: POYO, readout: bool = True, emit: bool = False) -> None:
         super().__init__()
         if not (readout or emit):
             raise ValueError("a step graph needs an output: readout, emit or both")
         self.f = _Folded(model)
         self.readout, self.emit = readout, emit
-        # fused: q, k, v and their rotation in 5 nodes but twice the projection FLOPs
-        # (best for one query, where nodes cost more than arithmetic); unfused: a
-        # rotation matrix per query (best for the offline batch of many queries)
-        self.fused_qkv = fused_qkv
         self.input_names = causal_inputs(self.f.depth)
         self.output_names = (["prediction"] if readout else []) + (CACHE_OUTPUTS if emit else [])
 
@@ -315,7 +311,7 @@ class CausalKVStep(nn.Module):
         enc = f.enc
         x = f.latent + (count_feat @ f.count_w + f.count_b)[:, None]  # (B, n, D)
         x = x.reshape(-1, f.dim)  # (B·n, D)
-        Hc, Hs = enc.heads, f.self_attn[0].heads
+        Hc = enc.heads
         q = rot(enc.query(x), Hc).transpose(0, 1)  # (Hc, B·n, Dh)
         null_kr = (null_k.transpose(0, 1) @ R).transpose(0, 1)  # (Hc, B, Dh) at each t_b
         k = torch.cat([null_kr, spike_k.transpose(0, 1)], 1)  # (Hc, B+S, Dh)
@@ -333,16 +329,13 @@ class CausalKVStep(nn.Module):
 
         # processor: causal self-attention over cached groups + the query's own rows
         self_bias = f.self_attn[0].neg_recency * dt  # (Hs, 1 or B·n, L+B·n)
-        cs = f.rotation_coefficients(phase) if self.fused_qkv else None  # (B, 1, 2, 3·Hs·Dh)
+        # q, k, v and their rotation in 5 nodes for twice the projection FLOPs: for one
+        # query, nodes cost more than arithmetic
+        cs = f.rotation_coefficients(phase)  # (B, 1, 2, 3·Hs·Dh)
         new_k, new_v = [], []
         for layer in range(depth):
             a = f.self_attn[layer]
-            if self.fused_qkv:
-                q, k, v = a.qkv(x, cs, n)  # (Hs, B·n, Dh) each, q and k rotated
-            else:
-                q = rot(a.query(x), Hs).transpose(0, 1)  # (Hs, B·n, Dh)
-                k, v = a.keys_values(x)  # (B·n, Hs, Dh)
-                k, v = rot(k, Hs).transpose(0, 1), v.transpose(0, 1)
+            q, k, v = a.qkv(x, cs, n)  # (Hs, B·n, Dh) each, q and k rotated
             if self.emit:
                 new_k.append(k)
                 new_v.append(v)
@@ -452,3 +445,192 @@ class WindowKVStep(nn.Module):
             (dec_q @ Rd) @ rot(dk, Rl).permute(1, 2, 0) + f.dec.neg_recency * dec_dt, -1
         )  # (Hc, 1, K·n)
         return f.readout(query + f.dec.out_rows((p @ dv.transpose(0, 1)).transpose(0, 1)))[0]
+
+
+def chunk_inputs(depth: int) -> list[str]:
+    """Input names of ``CausalChunk`` in order."""
+    return [
+        "spike_k",  # (Hc, G, S, Dh) each group's spikes' keys (their units' rows, not yet
+        "spike_v",  # (Hc, G, S, Dh) rotated) and values, padded to the chunk's widest group
+        "spike_cos",  # (G, S, Dh) [cos | cos] of each spike's time (1: unrotated pairs)
+        "spike_sin",  # (G, S, Dh) [-sin | sin] (0: unrotated pairs)
+        "spike_bias",  # (G, B, S) 0 where row block b of group g sees the spike, -inf not
+        "count_feat",  # (G, B, D+1) [unit-embedding sum of the spikes seen | elapsed]
+        "rot_cos",  # (G, B, Dh) [cos | cos] of each block's time (1: unrotated pairs)
+        "rot_sin",  # (G, B, Dh) [-sin | sin] (0: unrotated pairs)
+        "band_dt",  # (G, B, Wb·n) its time - time of each row of the Wb groups before
+        #             its group; inf where not seen (before the stream, a context of 1)
+        "band_idx",  # (G, Wb) int64: those groups' places in [the Wb groups before the
+        #              chunk | the chunk's G groups], j + i for group j
+        "null_k",  # (Hc, 1, Dh)
+        "null_v",  # (Hc, 1, Dh)
+        "dec_q",  # (Hc, 1, Dh)
+        "query",  # (1, D)
+        *[f"prev_k{i}" for i in range(depth)],  # (Hs, Wb·n, Dh) the Wb groups before the
+        *[f"prev_v{i}" for i in range(depth)],  # chunk, oldest first, rotated at their time
+        "prev_dk",  # (Hc, Wb·n, Dh) decoder keys / values of their final states
+        "prev_dv",
+    ]
+
+
+CHUNK_OUTPUTS = ["prediction", "new_k", "new_v", "new_dk", "new_dv"]
+
+
+def _swap(x: torch.Tensor) -> torch.Tensor:
+    """Each head's halves swapped: (..., Dh) [x[h:], x[:h]]."""
+    h = x.shape[-1] // 2
+    return torch.cat([x[..., h:], x[..., :h]], -1)
+
+
+class _HeadsFirst(nn.Module):
+    """An ``_Attn``'s weights laid out per head, (H, D, ·), so projections come out
+    heads first (H, rows, Dh) with no transpose, each with its halves-swapped copy, so
+    rotating at the rows' times is elementwise: rot(x) = x ⊙ C + swap(x) ⊙ S with
+    C = [cos | cos], S = [-sin | sin]. For the chunk graph's large batches, where a
+    transpose or a batch of 32 x 32 rotation products costs more than the extra
+    projection arithmetic."""
+
+    def __init__(self, att: _Attn) -> None:
+        super().__init__()
+        self.att = att
+        H, Dh = att.heads, att.dim_head
+
+        def per_head(w: torch.Tensor) -> torch.Tensor:  # (D, H·Dh) -> (H, D, Dh)
+            return w.reshape(w.shape[0], H, Dh).permute(1, 0, 2)
+
+        wq = att.wq
+        wk, wv = att.wkv[:, : H * Dh], att.wkv[:, H * Dh :]
+        sw = [_swap_halves(w, H, Dh) for w in (wq, wk)]
+        self.register_buffer("wq2", torch.cat([per_head(wq), per_head(sw[0])], 2).contiguous())
+        self.register_buffer(
+            "wkv3", torch.cat([per_head(wk), per_head(sw[1]), per_head(wv)], 2).contiguous()
+        )  # (H, D, 3·Dh): k | swapped k | v
+        self.register_buffer("wo3", att.wo.reshape(H, Dh, -1).contiguous())  # (H, Dh, D)
+
+    def query(self, x: torch.Tensor, C: torch.Tensor, S: torch.Tensor, n: int):
+        """x (R, D) -> q rotated and unrotated, (H, R/n, n, Dh) each."""
+        Dh = self.att.dim_head
+        y = self.att.ln(x, "norm_q") @ self.wq2  # (H, R, 2·Dh)
+        y = y.reshape(self.att.heads, -1, n, 2 * Dh)
+        q, qs = y[..., :Dh], y[..., Dh:]
+        return q * C + qs * S, q
+
+    def keys_values(self, x: torch.Tensor, C: torch.Tensor, S: torch.Tensor, n: int):
+        """x (R, D) -> k rotated, v, (H, R/n, n, Dh) each."""
+        Dh = self.att.dim_head
+        y = (self.att.ln(x, "norm_kv") @ self.wkv3).reshape(self.att.heads, -1, n, 3 * Dh)
+        return y[..., :Dh] * C + y[..., Dh : 2 * Dh] * S, y[..., 2 * Dh :]
+
+    def out_rows(self, o: torch.Tensor) -> torch.Tensor:
+        """o (H, R, Dh) -> (R, D): the output projection, summed over heads."""
+        return (o @ self.wo3).sum(0) + self.att.bo
+
+
+class CausalChunk(nn.Module):
+    """Offline causal decoding of G consecutive groups in one run: the same function as
+    streaming (``CausalKVStep``) for every query and every group's finish in them.
+
+    Each group g has B row blocks of n latents: block 0 is its finish (at its end time,
+    all its spikes), blocks 1.. its queries (padding blocks see only their <null>). A
+    finished group's layer-l rows depend on its own spikes and on the layer-l rows of the
+    Wb = W-1 groups before it, so every layer runs over all G groups at once: the finish
+    blocks' keys and values, after the Wb groups cached before the chunk, form a bank in
+    which group j reads its band (bank groups j..j+Wb-1, ``band_idx``), and every block
+    reads its group's band and its own n rows. The readout reads the final states' band
+    the same way. Rows are kept heads first (``_HeadsFirst``). Outputs: ``prediction``
+    (G, B, P); the finish blocks' rows ``new_k``, ``new_v`` (depth·Hs, G, n, Dh),
+    ``new_dk``, ``new_dv`` (Hc, G, n, Dh), which the engine keeps as the next chunk's
+    ``prev_*`` and finally as its ring.
+    """
+
+    def __init__(self, model: POYO) -> None:
+        super().__init__()
+        self.f = _Folded(model)
+        self.Wb = max(model.config.context_groups - 1, 1)
+        self.enc = _HeadsFirst(self.f.enc)
+        self.self_attn = nn.ModuleList(_HeadsFirst(a) for a in self.f.self_attn)
+        self.dec = _HeadsFirst(self.f.dec)
+        self.input_names = chunk_inputs(self.f.depth)
+        self.output_names = CHUNK_OUTPUTS
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        f = self.f
+        n, depth, D, Dh, Wb = f.n, f.depth, f.dim, f.dim_head, self.Wb
+        (spike_k, spike_v, spike_cos, spike_sin, spike_bias, count_feat) = inputs[:6]
+        (rot_cos, rot_sin, band_dt, band_idx, null_k, null_v, dec_q, query) = inputs[6:14]
+        prev_k, prev_v = inputs[14 : 14 + depth], inputs[14 + depth : 14 + 2 * depth]
+        prev_dk, prev_dv = inputs[14 + 2 * depth], inputs[15 + 2 * depth]
+        G, B, S = spike_bias.shape  # dynamic: Shape nodes (an offline graph, run rarely)
+        Hc, Hs = f.enc.heads, f.self_attn[0].heads
+        C = rot_cos.reshape(1, -1, 1, Dh)  # (1, G·B, 1, Dh): per block, all its rows
+        Sn = rot_sin.reshape(1, -1, 1, Dh)
+
+        def band(prev: torch.Tensor, fin: torch.Tensor) -> torch.Tensor:
+            """prev (H, Wb·n, Dh), finish rows fin (H, G, n, Dh) -> each group's band
+            (H, G, Wb·n, Dh)."""
+            bank = torch.cat([prev.reshape(-1, Wb, n, Dh), fin], 1)  # (H, Wb+G, n, Dh)
+            return bank[:, band_idx].reshape(bank.shape[0], G, Wb * n, Dh)
+
+        # the spikes' keys (and values) rotated at their times
+        spike_k = spike_k * spike_cos + _swap(spike_k) * spike_sin
+        if f.rotate_values:
+            spike_v = spike_v * spike_cos + _swap(spike_v) * spike_sin
+
+        # encoder: each block's n latents attend to its <null> + the spikes it sees
+        x = f.latent + (count_feat.reshape(-1, D + 1) @ f.count_w + f.count_b)[:, None]
+        x = x.reshape(-1, D)  # (R, D), R = G·B·n
+        q, qu = self.enc.query(x, C, Sn, n)  # (Hc, G·B, n, Dh)
+        s_spk = (q.reshape(Hc, G, B * n, Dh) @ spike_k.transpose(2, 3)).reshape(Hc, G, B, n, S)
+        s_spk = s_spk + spike_bias[None, :, :, None, :]
+        # the <null> key sits at the block's own time: its score needs no rotation
+        s_null = (qu @ null_k.transpose(1, 2)[:, None]).reshape(Hc, G, B, n, 1)
+        p = torch.softmax(torch.cat([s_null, s_spk], -1), -1)
+        o = (p[..., 1:].reshape(Hc, G, B * n, S) @ spike_v).reshape(Hc, -1, n, Dh)
+        if f.rotate_values:  # back from each block's time
+            o = o * C - _swap(o) * Sn
+        o = o + p[..., :1].reshape(Hc, -1, n, 1) * null_v[:, None]
+        x = x + self.enc.out_rows(o.reshape(Hc, -1, Dh))
+        x = x + f.enc_ffn(x)
+
+        # processor: every block reads its group's band and its own rows
+        dt = band_dt.reshape(1, G, B, 1, Wb * n)
+        self_bias = f.self_attn[0].neg_recency.reshape(-1, 1, 1, 1, 1) * dt  # (Hs, G, B, 1, Wb·n)
+        new_k, new_v = [], []
+        for layer in range(depth):
+            a = self.self_attn[layer]
+            q, _ = a.query(x, C, Sn, n)  # (Hs, G·B, n, Dh)
+            k, v = a.keys_values(x, C, Sn, n)
+            k, v = k.reshape(Hs, G, B, n, Dh), v.reshape(Hs, G, B, n, Dh)
+            fk, fv = k[:, :, 0], v[:, :, 0]  # (Hs, G, n, Dh) the finished groups' rows
+            new_k.append(fk)
+            new_v.append(fv)
+            bk, bv = band(prev_k[layer], fk), band(prev_v[layer], fv)  # (Hs, G, Wb·n, Dh)
+            s_band = (q.reshape(Hs, G, B * n, Dh) @ bk.transpose(2, 3)).reshape(Hs, G, B, n, Wb * n)
+            s_own = q.reshape(Hs, G, B, n, Dh) @ k.transpose(3, 4)  # (Hs, G, B, n, n)
+            p = torch.softmax(torch.cat([s_band + self_bias, s_own], -1), -1)
+            o = (p[..., : Wb * n].reshape(Hs, G, B * n, Wb * n) @ bv).reshape(Hs, G, B, n, Dh)
+            o = o + p[..., Wb * n :] @ v
+            x = x + a.out_rows(o.reshape(Hs, -1, Dh))
+            x = x + f.self_ffn[layer](x)
+
+        # readout: the output query at each block's time reads the final states' band
+        # and the block's own rows
+        dk, dv = self.dec.keys_values(x, C, Sn, n)
+        dk, dv = dk.reshape(Hc, G, B, n, Dh), dv.reshape(Hc, G, B, n, Dh)
+        fdk, fdv = dk[:, :, 0], dv[:, :, 0]
+        bdk, bdv = band(prev_dk, fdk), band(prev_dv, fdv)  # (Hc, G, Wb·n, Dh)
+        qd = dec_q * rot_cos.reshape(1, -1, Dh) + _swap(dec_q) * rot_sin.reshape(1, -1, Dh)
+        qd = qd.reshape(Hc, G, B, Dh)  # the output query rotated at each block's time
+        s_band = qd @ bdk.transpose(2, 3)  # (Hc, G, B, Wb·n)
+        s_band = s_band + f.dec.neg_recency.reshape(-1, 1, 1, 1) * band_dt[None]
+        s_own = (qd[:, :, :, None] * dk).sum(-1)  # (Hc, G, B, n)
+        p = torch.softmax(torch.cat([s_band, s_own], -1), -1)
+        o = p[..., : Wb * n] @ bdv + (p[..., Wb * n :, None] * dv).sum(3)  # (Hc, G, B, Dh)
+        pred = f.readout(query + self.dec.out_rows(o.reshape(Hc, -1, Dh))).reshape(G, B, -1)
+        return (
+            pred,
+            torch.stack(new_k).reshape(depth * Hs, G, n, Dh),
+            torch.stack(new_v).reshape(depth * Hs, G, n, Dh),
+            fdk,
+            fdv,
+        )

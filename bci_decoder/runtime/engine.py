@@ -329,8 +329,6 @@ class StreamingEngine(OfflineDecoding):
         }
         for r in self._runners.values():
             r.bind(arrays, {})
-        if getattr(self, "_batch", None) is not None:
-            self._batch.bind(arrays, {})
         self._bound_tables = tab
 
     def set_units(self, tables: UnitTables) -> None:

@@ -29,7 +29,7 @@ import threading
 
 import numpy as np
 
-from bci_decoder.model.phases import angles
+from bci_decoder.model.phases import rotation_rows
 from bci_decoder.tokenizer import grid_index
 from bci_decoder.tokenizer import grid_index_scalar as _grid_index
 
@@ -143,6 +143,11 @@ class OfflineDecoding:
             self._rejected[k] += v
         return True
 
+    # spike rows per chunk run: ~2^15 keeps a run's arrays in tens of MB and its
+    # per-node cost small next to its arithmetic
+    CHUNK_SPIKES = 2**15
+    MAX_CHUNK_GROUPS = 512
+
     def _decode_causal(
         self,
         times: np.ndarray,
@@ -151,15 +156,15 @@ class OfflineDecoding:
         out: np.ndarray,
         count_from: int | None = None,
     ) -> None:
-        """``decode`` in causal mode. Spikes are rotated a chunk of groups at a time (the
-        same ``_rotate``, vectorised over ~10^4 spikes); then per group one run of the
-        batch graph computes its queries and, as its last row block, the group's finish,
-        whose cache rows go into the ring as in streaming. ``count_from``: the first
-        group whose spikes and finish the counters count (a warm-up's are not)."""
+        """``decode`` in causal mode: G groups per run of the chunk graph
+        (``model.step.CausalChunk``), each with its queries and its finish; the finished
+        rows of the last Wb groups carry over to the next run and, at the end, into the
+        ring, so streaming can go on from there. ``count_from``: the first group whose
+        spikes and finish the counters count (a warm-up's are not)."""
         tab = self._tables
-        if tab is not self._bound_tables:
-            self._bind_tables(tab)
-        s, n, L, D, f32 = self.step_s, self.n, self.L, self.dim, np.float32
+        s, n, D, f32 = self.step_s, self.n, self.dim, np.float32
+        Wb, depth = self.L // n, self.depth  # L = max(W-1, 1)·n
+        prior_last = self._last_time
         t_all, u_all = self._accept(times, units, tab)
         g_q = grid_index(q, s)
         first = self._group
@@ -168,138 +173,142 @@ class OfflineDecoding:
         if g_q[0] < first:
             raise ValueError(f"query time {q[0]} is before the first decoded group")
         keep = int(np.searchsorted(t_all, (first - 1) * s, side="right"))
-        t_all, u_all = t_all[keep:], u_all[keep:]  # earlier spikes: groups never decoded
         last = int(g_q[-1])
+        end = int(np.searchsorted(t_all, last * s, side="right"))
+        if end < t_all.size:  # spikes after the last query's group are left to a later push
+            self._last_time = float(t_all[end - 1]) if end else prior_last
+        # earlier spikes: groups never decoded; later ones: not consumed
+        t_all, u_all = t_all[keep:end], u_all[keep:end]
         groups = np.arange(first, last + 2)
-        sp_edges = np.searchsorted(grid_index(t_all, s), groups).tolist()
-        q_edges = np.searchsorted(g_q, groups).tolist()
-        batch = self._batch_runner()
-        per_b: dict[int, tuple] = {}  # B -> outputs and mask templates, made once
-        bound_b = 0
-        ar = np.arange(self.capacity)
+        sp_edges = np.searchsorted(grid_index(t_all, s), groups)
+        q_edges = np.searchsorted(g_q, groups)
+        runner = self._chunk_runner()
+        fixed = {"null_k": tab.null_k, "null_v": tab.null_v, "dec_q": tab.dec_q, "query": tab.query}
+        prev, prev_time = self._ring_in_order()
         ngroups = last - first + 1
-        chunk_groups = max(1, 2**14 // max(1, len(t_all) // ngroups))
-        for c0 in range(0, ngroups, chunk_groups):
-            c1 = min(c0 + chunk_groups, ngroups)
-            a0, a1 = sp_edges[c0], sp_edges[c1]
+        per_group = max(1, t_all.size // ngroups)
+        step = max(1, min(self.MAX_CHUNK_GROUPS, self.CHUNK_SPIKES // per_group))
+        for c0 in range(0, ngroups, step):
+            c1 = min(c0 + step, ngroups)
+            G = c1 - c0
+            g = np.arange(first + c0, first + c1)  # the chunk's groups
+            a0, a1 = int(sp_edges[c0]), int(sp_edges[c1])
             tc, uc = t_all[a0:a1], u_all[a0:a1]
-            kc, vc = np.take(tab.k, uc, axis=0), np.take(tab.v, uc, axis=0)  # (m, Hc, Dh)
-            self._rotate(kc, tc)
-            if self.rotate_values:
-                self._rotate(vc, tc)
-            # every row of the chunk's batches at once: each group's queries, then its
-            # finish at the group's end time (float64 times, phases and counts)
-            g = np.arange(first + c0, first + c1)
-            nq = np.diff(q_edges[c0 : c1 + 1])  # queries per group
-            rows = np.repeat(np.arange(c1 - c0), nq + 1)  # row -> group (chunk-relative)
-            is_q = np.ones(rows.size, bool)
-            ends = np.cumsum(nq + 1) - 1  # each group's finish row
-            is_q[ends] = False
-            tq = np.empty(rows.size)
-            tq[is_q] = q[q_edges[c0] : q_edges[c1]]
-            tq[ends] = g * s
-            ga = np.asarray(sp_edges[c0 : c1 + 1]) - a0  # each group's first spike
+            ga = sp_edges[c0 : c1 + 1] - a0  # each group's first spike in the chunk
             cnt = np.minimum(np.diff(ga), self.capacity)  # as streaming: first `capacity`
             counted = slice(None) if count_from is None else g >= count_from
             self._rejected["overflow"] += int((np.diff(ga) - cnt)[counted].sum())
             self._spikes += int(cnt[counted].sum())
-            seen = np.minimum(np.searchsorted(tc, tq, side="right") - ga[rows], cnt[rows])
-            seen[ends] = cnt
-            # unit-embedding sum of each row's spikes: float64 segment sums between the
-            # sorted points (group start, then each row's end), summed within the group
-            points = np.empty(rows.size + (c1 - c0), np.int64)
-            starts = np.arange(c1 - c0) + np.concatenate([[0], ends[:-1] + 1])
-            points[starts] = ga[:-1]
-            mask = np.ones(points.size, bool)
-            mask[starts] = False
-            points[mask] = ga[rows] + seen
-            emb = np.zeros((uc.size + 1, D))
-            emb[:-1] = tab.emb[uc]
-            seg = np.add.reduceat(emb, points[:-1], axis=0)
-            seg[points[:-1] == points[1:]] = 0.0  # empty segments (reduceat gives a row)
-            prefix = np.zeros((points.size, D))
-            np.cumsum(seg, axis=0, out=prefix[1:])
-            feat = np.empty((rows.size, D + 1), f32)
-            feat[:, :D] = prefix[mask] - prefix[starts][rows]
-            feat[:, D] = (tq - (g[rows] - 1) * s) / s
-            feat[ends, D] = 1.0
-            ph = angles(tq, self.periods)
-            phase = self._unit_phase((rows.size,))
-            phase[:, : self.F] = np.cos(ph)
-            phase[:, self.half : self.half + self.F] = np.sin(ph)
-            seen_rows = np.repeat(seen, n)
-            r0 = 0
-            for i in range(c1 - c0):
-                B, a, c = int(nq[i]) + 1, int(ga[i]), int(cnt[i])
-                r1 = r0 + B
-                if B not in per_b:
-                    per_b[B] = self._batch_arrays(B)
-                pred, new, null_rows, dt = per_b[B]
-                if B != bound_b:
-                    batch.bind({}, {"prediction": pred, **new})
-                    bound_b = B
-                visible = ar[:c] < seen_rows[r0 * n : r1 * n, None]  # (B·n, c)
-                dt[:, :L] = tq[r0:r1, None] - self._cache_time[None, :]
-                feeds = {
-                    "spike_k": kc[a : a + c],
-                    "spike_v": vc[a : a + c],
-                    # (B·n, B+c): each row sees its <null> and its query's spikes so far
-                    "spike_bias": np.concatenate(
-                        [null_rows, np.where(visible, f32(0), f32(-np.inf))], 1
-                    ),
-                    "count_feat": feat[r0:r1],
-                    "phase": phase[r0:r1],
-                    "dt": np.repeat(dt, n, axis=0),  # (B·n, L+B·n)
-                    "dec_dt": dt,
-                }
-                batch.run(feeds, self._dirty)
-                self._dirty.clear()
-                qa = q_edges[c0 + i]
-                out[qa : qa + B - 1] = pred[:-1, tab.out_slice] * tab.norm.std + tab.norm.mean
-                self._steps += B - 1
-                self._write_cache(int(g[i]), new)
-                self._groups_finished += count_from is None or int(g[i]) >= count_from
-                r0 = r1
+            # each group's spikes in (G, S) rows (padding: a spike never seen)
+            S = max(1, int(cnt.max()))
+            col = np.arange(S)
+            valid = col < cnt[:, None]  # (G, S)
+            pos = np.where(valid, ga[:-1, None] + col, 0)
+            u_pad = uc[pos] if tc.size else np.zeros((G, S), np.intp)
+            t_pad = tc[pos] if tc.size else np.zeros((G, S))
+            # row blocks: 0 the group's finish at its end time, 1.. its queries
+            nq = np.diff(q_edges[c0 : c1 + 1])
+            B = 1 + int(nq.max())
+            qg = np.repeat(np.arange(G), nq)  # each query's group (chunk-relative)
+            qb = 1 + np.arange(qg.size) - np.repeat(np.cumsum(nq) - nq, nq)  # its block
+            tq = np.repeat((g * s)[:, None], B, 1)  # padding blocks: the end time too
+            tq[qg, qb] = q[q_edges[c0] : q_edges[c1]]
+            seen = np.zeros((G, B), np.int64)
+            seen[:, 0] = cnt
+            seen[qg, qb] = np.minimum(
+                np.searchsorted(tc, tq[qg, qb], side="right") - ga[qg], cnt[qg]
+            )
+            visible = col < seen[..., None]  # (G, B, S)
+            feat = np.empty((G, B, D + 1), f32)
+            # unit-embedding sums of the spikes each block sees
+            np.matmul(visible.astype(f32), np.take(tab.emb, u_pad, axis=0), out=feat[..., :D])
+            feat[..., D] = (tq - ((g - 1) * s)[:, None]) / s
+            feat[:, 0, D] = 1.0
+            k_t, v_t = self._heads_first(tab)
+            spike_cos, spike_sin = rotation_rows(t_pad, self.periods, self.Dh)
+            rot_cos, rot_sin = rotation_rows(tq, self.periods, self.Dh)
+            band_idx = np.arange(G)[:, None] + np.arange(Wb)  # (G, Wb) into the bank
+            bank_time = np.concatenate([prev_time, g * s if self.W > 1 else np.full(G, -np.inf)])
+            dt = tq[:, :, None] - bank_time[band_idx][:, None, :]  # (G, B, Wb) float64
+            feeds = {
+                "spike_k": np.take(k_t, u_pad, axis=1),  # (Hc, G, S, Dh) unrotated
+                "spike_v": np.take(v_t, u_pad, axis=1),
+                "spike_cos": spike_cos,
+                "spike_sin": spike_sin,
+                "spike_bias": np.where(visible, f32(0), f32(-np.inf)),
+                "count_feat": feat,
+                "rot_cos": rot_cos,
+                "rot_sin": rot_sin,
+                "band_dt": np.repeat(dt.astype(f32), n, axis=2),  # (G, B, Wb·n)
+                "band_idx": band_idx,
+                **fixed,
+                **prev,
+            }
+            pred, new_k, new_v, new_dk, new_dv = runner.call(feeds)
+            out[q_edges[c0] : q_edges[c1]] = (
+                pred[qg, qb][:, tab.out_slice] * tab.norm.std + tab.norm.mean
+            )
+            self._steps += qg.size
+            self._groups_finished += (
+                G if count_from is None else int(np.count_nonzero(g >= count_from))
+            )
+            # the Wb groups before the next chunk: [prev | this chunk's finishes][-Wb:]
+            for i in range(depth):
+                for name, new in ((f"prev_k{i}", new_k), (f"prev_v{i}", new_v)):
+                    rows = new[i * self.Hs : (i + 1) * self.Hs].reshape(self.Hs, G * n, -1)
+                    prev[name] = _last_rows(prev[name], rows, Wb * n)
+            prev["prev_dk"] = _last_rows(
+                prev["prev_dk"], new_dk.reshape(self.Hc, G * n, -1), Wb * n
+            )
+            prev["prev_dv"] = _last_rows(
+                prev["prev_dv"], new_dv.reshape(self.Hc, G * n, -1), Wb * n
+            )
+            prev_time = bank_time[-Wb:]
+        self._ring_from_order(prev, prev_time)
         self._group, self._count = last + 1, 0
         self._last_step = float(q[-1])
 
-    def _batch_arrays(self, B: int) -> tuple:
-        """Outputs and mask templates of a batch of B queries (B-1 and a finish)."""
-        f32, n, L = np.float32, self.n, self.L
-        pred = np.zeros((B, self.P), f32)
-        new = {
-            "new_k": np.zeros((self.depth * self.Hs, B * n, self.Dh), f32),
-            "new_v": np.zeros((self.depth * self.Hs, B * n, self.Dh), f32),
-            "new_dk": np.zeros((self.Hc, B * n, self.Dh), f32),
-            "new_dv": np.zeros((self.Hc, B * n, self.Dh), f32),
-        }
-        own = np.repeat(np.eye(B, dtype=bool), n, axis=0)  # (B·n, B): each row's <null>
-        null_rows = np.where(own, f32(0), f32(-np.inf))
-        dt = np.full((B, L + B * n), np.inf, f32)  # rows of other queries: never seen
-        for j in range(B):
-            dt[j, L + j * n : L + (j + 1) * n] = 0.0  # its own rows
-        return pred, new, null_rows, dt
+    def _heads_first(self, tab) -> tuple[np.ndarray, np.ndarray]:
+        """The tables' keys and values heads first, (Hc, units, Dh), made once per table."""
+        cached = getattr(self, "_tables_t", None)
+        if cached is None or cached[0] is not tab:
+            k_t = np.ascontiguousarray(tab.k.transpose(1, 0, 2))
+            v_t = np.ascontiguousarray(tab.v.transpose(1, 0, 2))
+            self._tables_t = cached = (tab, k_t, v_t)
+        return cached[1], cached[2]
 
-    def _batch_runner(self):
-        """The batch graph's runner, made on first use (offline decoding only)."""
-        if getattr(self, "_batch", None) is None:
-            self._batch = self._make_runner("causal_batch")
-            self._batch.bind(
-                {
-                    k: v
-                    for k, v in self._persistent.items()
-                    if k.startswith(("cache_", "dec_k", "dec_v"))
-                },
-                {},
-            )
-            tab = self._tables
-            self._batch.bind(
-                {
-                    "null_k": tab.null_k,
-                    "null_v": tab.null_v,
-                    "dec_q": tab.dec_q,
-                    "query": tab.query,
-                },
-                {},
-            )
-        return self._batch
+    def _ring_in_order(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The ring's cached rows as the chunk graph's ``prev_*`` inputs (oldest group
+        first) and their groups' times (Wb,) (-inf: empty)."""
+        order = (self._slot + np.arange(self.L)) % self.L
+        prev = {}
+        for i in range(self.depth):
+            prev[f"prev_k{i}"] = np.ascontiguousarray(self._cache_k[i][:, order])
+            prev[f"prev_v{i}"] = np.ascontiguousarray(self._cache_v[i][:, order])
+        prev["prev_dk"] = np.ascontiguousarray(self._dec_k[:, order])
+        prev["prev_dv"] = np.ascontiguousarray(self._dec_v[:, order])
+        return prev, self._cache_time[order][:: self.n].copy()
+
+    def _ring_from_order(self, prev: dict[str, np.ndarray], prev_time: np.ndarray) -> None:
+        """Write ``_ring_in_order``'s arrays back into the ring (from slot 0)."""
+        for i in range(self.depth):
+            self._cache_k[i] = prev[f"prev_k{i}"]
+            self._cache_v[i] = prev[f"prev_v{i}"]
+        self._dec_k[:] = prev["prev_dk"]
+        self._dec_v[:] = prev["prev_dv"]
+        self._cache_time[:] = np.repeat(prev_time, self.n)
+        self._slot = 0
+        self._dirty |= set(self._persistent)
+
+    def _chunk_runner(self):
+        """The chunk graph's runner, made on first use (offline decoding only)."""
+        if getattr(self, "_chunk", None) is None:
+            self._chunk = self._make_runner("causal_chunk")
+        return self._chunk
+
+
+def _last_rows(prev: np.ndarray, new: np.ndarray, rows: int) -> np.ndarray:
+    """The last ``rows`` rows (axis 1) of [prev | new]."""
+    if new.shape[1] >= rows:
+        return np.ascontiguousarray(new[:, -rows:])
+    return np.concatenate([prev[:, new.shape[1] - rows :], new], 1)

@@ -250,5 +250,11 @@ class OnnxStepRunner:
         else:
             self.session.run_with_iobinding(self.binding)
 
+    def call(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One run with every input fed and the outputs returned (new arrays): for a
+        graph whose shapes change at every run (offline decoding's chunk graph)."""
+        used = self.input_names
+        return self.session.run(None, {k: feeds[k] for k in used})
+
     def providers(self) -> list[str]:
         return list(self.session.get_providers())
