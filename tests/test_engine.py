@@ -16,6 +16,7 @@ from bci_decoder.config import TrainConfig
 from bci_decoder.data.session import Session
 from bci_decoder.decode import (
     decode_causal,
+    decode_session,
     decode_stream,
     decode_window,
     session_tokens,
@@ -140,6 +141,16 @@ def test_window_matches_offline(setup, backend, n):
     eng = engine(setup, mode="window", backend=backend, max_spikes_per_window=2048)
     assert_close(stream(eng, session, queries), ref)
     assert eng.stats().rejected["overflow"] == 0
+
+
+def test_decode_session_window_through_the_engine_equals_torch(setup):
+    """``decode_session`` (what ``evaluate`` runs) decodes window mode through the
+    engine's ONNX window step: equal to the torch windows it replaced."""
+    dec, session, _ = setup
+    span = (4.0, 9.0)
+    _, _, eng = decode_session(dec, session, "hand_vel", span, "window")
+    _, _, ref = decode_session(dec, session, "hand_vel", span, "window", backend="torch")
+    assert_close(eng, ref)
 
 
 @pytest.mark.parametrize("mode", ["causal", "window"])

@@ -143,7 +143,9 @@ class StreamingEngine(OfflineDecoding):
             from bci_decoder.model.decoder import package_of
 
             if backend == "onnx" and onnx_path is None:
-                pkg = in_memory_package(model, max_spikes_per_group, max_spikes_per_window)
+                # graphs built once per model (their spike axes are dynamic; the buffer
+                # sizes are this engine's own)
+                pkg = in_memory_package(model)
             else:
                 pkg = package_of(model)
                 pkg.graphs_dir = Path(onnx_path) if onnx_path is not None else None
