@@ -139,11 +139,13 @@ def decode_stream(
     burn_in: float = 3.0,
     backend: str = "onnx",
     threads: int = 1,
+    workers: int = 1,
 ) -> np.ndarray:
     """Normalised predictions (Q, D) at sorted ``query_times`` through the streaming
     engine: the same graphs, unit tables and state as live decoding. Causal mode starts
     the stream ``burn_in`` seconds before the first query, as ``decode_causal`` does.
-    ``threads``: ONNX Runtime intra-op threads (offline, both cores may be used)."""
+    ``threads``: ONNX Runtime intra-op threads; ``workers``: 2 decodes on two threads
+    (``StreamingEngine.decode``)."""
     from bci_decoder.runtime.engine import StreamingEngine, UnitTables
 
     q = np.asarray(query_times, dtype=np.float64)
@@ -178,6 +180,7 @@ def decode_stream(
         q,
         start=start if mode == "causal" else None,
         normalised=True,
+        workers=workers,
     )
 
 
@@ -188,6 +191,7 @@ def decode_session(
     span: tuple[float, float],
     mode: str = "causal",
     backend: str = "engine",
+    workers: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode the behaviour samples of ``span``: (timestamps, target, prediction), the
     prediction in the behaviour's own units. ``backend="engine"``: through the streaming
@@ -198,7 +202,7 @@ def decode_session(
     times, units, sidx = session_tokens(decoder, session)
     beh = session.behavior[output].between(*span)
     if backend == "engine" and mode in ("causal", "window"):
-        z = decode_stream(decoder, session, output, beh.timestamps, mode=mode)
+        z = decode_stream(decoder, session, output, beh.timestamps, mode=mode, workers=workers)
     elif mode == "causal":
         z = decode_causal(decoder, times, units, sidx, output, beh.timestamps)
     elif mode == "window":

@@ -7,6 +7,7 @@ the session; window mode uses the window ending at t; the baselines use bins end
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from bci_decoder.metrics import r2_score
 from bci_decoder.train.checkpoint import Decoder
 
 COLUMNS = ("poyo_causal", "poyo_window", "wiener", "kalman", "gru")
+# the engine decodes on both cores where there are two (StreamingEngine.decode's split)
+WORKERS = min(2, os.cpu_count() or 1)
 
 
 def evaluate_session(
@@ -32,11 +35,15 @@ def evaluate_session(
     output = output or session.default_output()
     split = time_split(session)
     res: dict[str, Any] = {"output": output, "traces": {}}
-    ts, target, pred = decode_session(decoder, session, output, split.test, "causal")
+    ts, target, pred = decode_session(
+        decoder, session, output, split.test, "causal", workers=WORKERS
+    )
     res["poyo_causal"] = r2_score(target, pred)
     res["traces"] = {"t": ts, "target": target, "poyo_causal": pred}
     if "window" in decoder.modes:
-        _, _, wpred = decode_session(decoder, session, output, split.test, "window")
+        _, _, wpred = decode_session(
+            decoder, session, output, split.test, "window", workers=WORKERS
+        )
         res["poyo_window"] = r2_score(target, wpred)
         res["traces"]["poyo_window"] = wpred
     else:

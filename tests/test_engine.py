@@ -241,6 +241,20 @@ def test_two_worker_decode_equals_one(setup):
     assert np.abs(one.step(tq) - two.step(tq)).max() <= 1e-5 * one.norm.std.max()
 
 
+def test_two_worker_window_decode_equals_one(setup):
+    """Window mode's split (each engine half of the queries) equals one pass."""
+    _, session, _ = setup
+    queries = 1.0 + 0.013 * np.arange(600)
+    one, two = engine(setup, mode="window"), engine(setup, mode="window")
+    t, u = session.spike_times, session.spike_units
+    a = one.decode(t, u, queries, normalised=True, workers=1)
+    b = two.decode(t, u, queries, normalised=True, workers=2)
+    assert getattr(two, "_twin", None) is not None  # it did split
+    assert np.abs(a - b).max() <= 1e-5 * a.std()
+    sa, sb = one.stats(), two.stats()
+    assert (sa.steps, sa.spikes, sa.rejected) == (sb.steps, sb.spikes, sb.rejected)
+
+
 def test_set_units_swaps_tables_mid_stream(setup):
     """Spikes pushed after ``set_units`` use the new table, earlier ones keep theirs:
     equal to offline decoding where the spikes after the swap have new vocabulary rows

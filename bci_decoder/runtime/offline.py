@@ -62,16 +62,86 @@ class OfflineDecoding:
         times = np.asarray(spike_times, dtype=np.float64)
         units = np.asarray(spike_units)
         if self.mode == "window":
-            ends = np.searchsorted(times, q, side="right")
-            j = int(np.searchsorted(times, q[0] - self.context, side="right"))
-            for i, t in enumerate(q):
-                if ends[i] > j:
-                    self.push(times[j : ends[i]], units[j : ends[i]])
-                    j = ends[i]
-                out[i] = self.step(t)
+            if workers < 2 or q.size < self.MIN_SPLIT_WINDOWS or not self._can_split():
+                self._decode_window(times, units, q, out)
+            else:  # windows are independent: each engine decodes half of the queries
+                mid, twin = q.size // 2, self._twin_engine()
+                twin.reset(start)
+                self._two_threads(
+                    twin,
+                    lambda: twin._decode_window(times, units, q[:mid], out[:mid]),
+                    lambda: self._decode_window(times, units, q[mid:], out[mid:]),
+                )
+                # the spikes both pushed (this half's first window, up to the twin's
+                # last query) count once
+                both = np.searchsorted(times, [q[mid] - self.context, q[mid - 1]], "right")
+                self._spikes -= max(0, int(both[1] - both[0]))
         elif not self._decode_split(times, units, q, out, start, workers):
             self._decode_causal(times, units, q, out)
         return tab.norm.forward(out) if normalised else out
+
+    def _decode_window(self, times, units, q, out) -> None:
+        """``decode`` in window mode: push each query's new spikes, step."""
+        ends = np.searchsorted(times, q, side="right")
+        j = int(np.searchsorted(times, q[0] - self.context, side="right"))
+        for i, t in enumerate(q):
+            if ends[i] > j:
+                self.push(times[j : ends[i]], units[j : ends[i]])
+                j = ends[i]
+            out[i] = self.step(t)
+
+    # window mode splits from this many queries on (a twin engine costs ~0.3 s)
+    MIN_SPLIT_WINDOWS = 500
+
+    def _can_split(self) -> bool:
+        return self.backend == "onnx" and not self.fixed_shapes
+
+    def _twin_engine(self):
+        """A second engine of this one's package, mode, sizes and tables (made once),
+        its counters zeroed: the other worker of a split decode."""
+        twin = getattr(self, "_twin", None)
+        if twin is not None:
+            twin.set_units(self._tables)
+        else:
+            twin = type(self)(
+                self.package,
+                self._tables.session_id,
+                mode=self.mode,
+                max_spikes_per_group=self.capacity,
+                max_spikes_per_window=self.ring_capacity,
+                intra_op_threads=self._intra_op_threads,
+                providers=self._providers,
+                tables=self._tables,
+            )
+            self._twin = twin
+        twin._steps = twin._spikes = twin._groups_finished = 0
+        twin._rejected = dict.fromkeys(twin._rejected, 0)
+        return twin
+
+    def _two_threads(self, twin, first_half, second_half) -> None:
+        """Run ``first_half`` (the twin's) in a thread and ``second_half`` (this
+        engine's) here; then count the twin's steps, spikes and rejections as ours."""
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                first_half()
+            except BaseException as e:  # raised again in the calling thread
+                failed.append(e)
+
+        thread = threading.Thread(target=run, name="decode-first-half")
+        thread.start()
+        try:
+            second_half()
+        finally:
+            thread.join()
+        if failed:
+            raise failed[0]
+        self._steps += twin._steps
+        self._spikes += twin._spikes
+        self._groups_finished += twin._groups_finished
+        for k, v in twin._rejected.items():
+            self._rejected[k] += v
 
     # a split costs a twin engine (~0.3 s) and warm_up_groups more groups: worth it from
     # about 100 s of recording on
@@ -85,7 +155,7 @@ class OfflineDecoding:
     def _decode_split(self, times, units, q, out, start, workers) -> bool:
         """``decode`` in causal mode on two threads (module docstring); False (nothing
         done) when one worker is asked for or the recording is too short to gain."""
-        if workers < 2 or self.backend != "onnx" or self.fixed_shapes:
+        if workers < 2 or not self._can_split():
             return False
         s, warm = self.step_s, self.warm_up_groups
         g_q = grid_index(q, s)
@@ -99,48 +169,19 @@ class OfflineDecoding:
         i_mid = int(np.searchsorted(g_q, g_mid))
         if i_mid == 0 or i_mid == q.size:
             return False
-        twin = getattr(self, "_twin", None)
-        if twin is not None:
-            twin.set_units(self._tables)
-        else:
-            twin = type(self)(
-                self.package,
-                self._tables.session_id,
-                mode="causal",
-                max_spikes_per_group=self.capacity,
-                max_spikes_per_window=self.ring_capacity,
-                intra_op_threads=self._intra_op_threads,
-                providers=self._providers,
-                tables=self._tables,
-            )
-            self._twin = twin
-        failed: list[BaseException] = []
+        twin = self._twin_engine()
 
         def first_half() -> None:
-            try:
-                twin.reset(start)
-                twin._decode_causal(times, units, q[:i_mid], out[:i_mid])
-            except BaseException as e:  # raised again in the calling thread
-                failed.append(e)
+            twin.reset(start)
+            twin._decode_causal(times, units, q[:i_mid], out[:i_mid])
 
-        twin._steps = twin._spikes = twin._groups_finished = 0
-        twin._rejected = dict.fromkeys(twin._rejected, 0)
-        thread = threading.Thread(target=first_half, name="decode-first-half")
-        thread.start()
-        try:
+        def second_half() -> None:
             # this engine: the second half, from its warm-up on (its end state is the
             # one-pass end state); the warm-up's spikes and groups are the twin's to count
             self.reset((g_mid - warm) * s - 0.5 * s)
             self._decode_causal(times, units, q[i_mid:], out[i_mid:], count_from=g_mid)
-        finally:
-            thread.join()
-        if failed:
-            raise failed[0]
-        self._steps += twin._steps
-        self._spikes += twin._spikes
-        self._groups_finished += twin._groups_finished
-        for k, v in twin._rejected.items():
-            self._rejected[k] += v
+
+        self._two_threads(twin, first_half, second_half)
         return True
 
     # spike rows per chunk run: ~2^15 keeps a run's arrays in tens of MB and its
