@@ -24,7 +24,7 @@ import torch
 from bci_decoder.model import layout
 from bci_decoder.model.decoder import Decoder, package_of
 from bci_decoder.model.package import ModelPackage, file_sha256
-from bci_decoder.model.phases import rotation_rows
+from bci_decoder.model.phases import angles, rotation_rows
 from bci_decoder.model.step import WINDOW_INPUTS, CausalChunk, CausalKVStep, WindowKVStep
 
 OPSET = 17
@@ -112,7 +112,8 @@ def chunk_feeds(
     feeds = {
         "spike_k": rng.normal(size=(Hc, G, S, Dh)).astype(f32),
         "spike_v": rng.normal(size=(Hc, G, S, Dh)).astype(f32),
-        **dict(zip(("spike_cos", "spike_sin"), rotation_rows(ts, periods, Dh), strict=True)),
+        "spike_cos": np.cos(angles(ts, periods)).astype(f32),
+        "spike_sin": np.sin(angles(ts, periods)).astype(f32),
         "spike_bias": np.where(np.arange(S) < seen[..., None], f32(0), f32(-np.inf)),
         "count_feat": np.concatenate(
             [rng.normal(size=(G, B, D)), rng.uniform(0, 1, (G, B, 1))], 2

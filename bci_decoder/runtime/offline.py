@@ -29,7 +29,7 @@ import threading
 
 import numpy as np
 
-from bci_decoder.model.phases import rotation_rows
+from bci_decoder.model.phases import angles, rotation_rows
 from bci_decoder.tokenizer import grid_index
 from bci_decoder.tokenizer import grid_index_scalar as _grid_index
 
@@ -184,9 +184,11 @@ class OfflineDecoding:
         self._two_threads(twin, first_half, second_half)
         return True
 
-    # spike rows per chunk run: ~2^15 keeps a run's arrays in tens of MB and its
-    # per-node cost small next to its arithmetic
-    CHUNK_SPIKES = 2**15
+    # spike rows per chunk run (~40 groups at 200 units): large enough that the graph's
+    # per-node cost is small next to its arithmetic, small enough that a run's arrays
+    # stay in cache (1 h at 200 units, quiet VM: 2^12 55.8 s, 2^13 53.9-58.1 s,
+    # 2^14 59.7 s, 2^15 67.8 s, 2^16 77.2 s extrapolated from 15 min)
+    CHUNK_SPIKES = 2**13
     MAX_CHUNK_GROUPS = 512
 
     def _decode_causal(
@@ -266,7 +268,8 @@ class OfflineDecoding:
             feat[..., D] = (tq - ((g - 1) * s)[:, None]) / s
             feat[:, 0, D] = 1.0
             k_t, v_t = self._heads_first(tab)
-            spike_cos, spike_sin = rotation_rows(t_pad, self.periods, self.Dh)
+            ang = angles(t_pad, self.periods)  # (G, S, F) float64
+            spike_cos, spike_sin = np.cos(ang).astype(f32), np.sin(ang).astype(f32)
             rot_cos, rot_sin = rotation_rows(tq, self.periods, self.Dh)
             band_idx = np.arange(G)[:, None] + np.arange(Wb)  # (G, Wb) into the bank
             bank_time = np.concatenate([prev_time, g * s if self.W > 1 else np.full(G, -np.inf)])
