@@ -1,26 +1,28 @@
-"""Offline decoding through the streaming engine: a whole recording, a group at a time.
+"""Offline decoding through the streaming engine: a whole recording, many groups a run.
 
 ``decode`` gives what pushing every spike up to each query and calling ``step`` would,
-with the same engine state and graphs. Causal mode runs all queries of a group plus the
-group's finish in one run of the batch graph (the same computation with B queries as
-rows); window mode steps. A mixin of ``StreamingEngine`` (its buffers, tables and
-runners), kept apart because streaming never runs it.
+with the same engine state and graphs. Causal mode runs the chunk graph
+(``model.step.CausalChunk``): ~40 groups per run, each with its queries and its finish,
+the finished rows of the last W-1 groups carried from run to run and left in the ring
+at the end. Window mode steps (windows are independent). A mixin of
+``StreamingEngine`` (its buffers, tables and runners), kept apart because streaming
+never runs it.
 
-Both cores (``workers=2``): a long recording is cut in two at a group boundary; a twin
-engine decodes the first half in a thread while this engine decodes the second, started
-``warm_up_groups`` earlier. A finished
-group's layer-l cache rows depend only on the spikes of itself and the l·(W-1) groups
-before it (each layer sees W-1 finished groups), and a query reads the last layer's rows
-of the W-1 groups before its own, so after (depth+1)·(W-1) groups the second half's
-state equals the one-pass state and its outputs equal one pass's (to float rounding:
-only the ring's slot order differs). ONNX Runtime releases the GIL while it runs, which
-is most of the time. ``tests/test_engine.py`` holds the two-worker output equal to one.
-Measured on the shared 2-core VM (shipped size, 200 units, 10 ms hop): 120-150 s
-decoded, interleaved, load average 5.5-12 (both cores busy with other work): two workers
-took 1.0-1.7x one worker's wall time, ONNX Runtime's two intra-op threads 3.7x; the whole
-hour at load 3.6-4.8 (benchmarks/results/offline_throughput_1h.json): one worker 141 s,
-two 129 s. So one worker stays the default and the split is asked for where a core is
-free (``benchmarks/offline_throughput.py --workers 1 2`` measures both on the machine).
+Both cores (``workers=2``). Window mode: a twin engine decodes the first half of the
+queries in a thread while this engine decodes the second. Causal mode: the recording is
+cut in two at a group boundary and this engine starts its half ``warm_up_groups``
+earlier. A finished group's layer-l cache rows depend only on the spikes of itself and
+the l·(W-1) groups before it (each layer sees W-1 finished groups), and a query reads
+the last layer's rows of the W-1 groups before its own, so after (depth+1)·(W-1) groups
+the second half's state equals the one-pass state and its outputs equal one pass's (to
+float rounding). ONNX Runtime releases the GIL while it runs, which is most of the time.
+``tests/test_engine.py`` holds both splits equal to one pass.
+
+Measured on the quiet 2-core VM (shipped size, 1 h of 200 units at 20 Hz, 10 ms hop;
+benchmarks/results/offline_throughput_1h.json): one worker 56.0 s, two workers 31.5 s,
+one worker with ONNX Runtime's two intra-op threads 46.5 s (the group-per-run graph
+this replaced: 104 s with one worker). ``decode`` defaults to one worker, which is what
+a caller sharing the machine wants; ``evaluate`` asks for two where there are two cores.
 """
 
 from __future__ import annotations
