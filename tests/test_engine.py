@@ -219,7 +219,26 @@ def test_two_worker_decode_equals_one(setup):
     the second from its warm-up on) equals one pass: outputs, counters and end state."""
     _, session, _ = setup
     queries = 0.5 + 0.01 * np.arange(2_500) + 0.0003
-    one, two = engine(setup), engine(setup)
+    one, two = one_and_two_workers(setup, queries, "causal")
+    t, u = session.spike_times, session.spike_units
+    # the end state is one pass's: streaming on from the last query agrees
+    j = np.searchsorted(t, queries[-1], side="right")
+    for eng in (one, two):
+        eng.push(t[j : j + 200], u[j : j + 200])
+    tq = float(t[j + 199])
+    assert np.abs(one.step(tq) - two.step(tq)).max() <= 1e-5 * one.norm.std.max()
+
+
+def test_two_worker_window_decode_equals_one(setup):
+    """Window mode's split (each engine half of the queries) equals one pass."""
+    one_and_two_workers(setup, 1.0 + 0.013 * np.arange(600), "window")
+
+
+def one_and_two_workers(setup, queries: np.ndarray, mode: str):
+    """Two engines decode ``queries``, one worker and two: their outputs and counters
+    agree, and the second did split. Returns both engines."""
+    _, session, _ = setup
+    one, two = engine(setup, mode=mode), engine(setup, mode=mode)
     two.MIN_SPLIT_GROUPS = 0  # the 30 s session is shorter than a split is worth
     t, u = session.spike_times, session.spike_units
     a = one.decode(t, u, queries, normalised=True, workers=1)
@@ -233,26 +252,7 @@ def test_two_worker_decode_equals_one(setup):
         sb.groups_finished,
         sb.rejected,
     )
-    # the end state is one pass's: streaming on from the last query agrees
-    j = np.searchsorted(t, queries[-1], side="right")
-    for eng in (one, two):
-        eng.push(t[j : j + 200], u[j : j + 200])
-    tq = float(t[j + 199])
-    assert np.abs(one.step(tq) - two.step(tq)).max() <= 1e-5 * one.norm.std.max()
-
-
-def test_two_worker_window_decode_equals_one(setup):
-    """Window mode's split (each engine half of the queries) equals one pass."""
-    _, session, _ = setup
-    queries = 1.0 + 0.013 * np.arange(600)
-    one, two = engine(setup, mode="window"), engine(setup, mode="window")
-    t, u = session.spike_times, session.spike_units
-    a = one.decode(t, u, queries, normalised=True, workers=1)
-    b = two.decode(t, u, queries, normalised=True, workers=2)
-    assert getattr(two, "_twin", None) is not None  # it did split
-    assert np.abs(a - b).max() <= 1e-5 * a.std()
-    sa, sb = one.stats(), two.stats()
-    assert (sa.steps, sa.spikes, sa.rejected) == (sb.steps, sb.spikes, sb.rejected)
+    return one, two
 
 
 def test_set_units_swaps_tables_mid_stream(setup):

@@ -61,7 +61,7 @@ def causal_feeds(
     d = _dims(decoder)
     rng = np.random.default_rng(seed)
     f32 = np.float32
-    Hc, Hs, Dh, D, n, L, B = d["Hc"], d["Hs"], d["Dh"], d["D"], d["n"], d["L"], queries
+    Hc, Dh, D, n, L, B = d["Hc"], d["Dh"], d["D"], d["n"], d["L"], queries
     T = L + B * n
     dt = np.full((B, T), np.inf, f32)
     dt[:, L // 5 : L] = rng.uniform(0, decoder.config.context, (B, L - L // 5))
@@ -81,17 +81,37 @@ def causal_feeds(
         "phase": _phase(rng, (B,), Dh // 2),
         "dt": dt[rows] if B > 1 else dt,
         "dec_dt": dt,
-        "null_k": rng.normal(size=(Hc, 1, Dh)).astype(f32),
-        "null_v": rng.normal(size=(Hc, 1, Dh)).astype(f32),
-        "dec_q": rng.normal(size=(Hc, 1, Dh)).astype(f32),
-        "query": rng.normal(size=(1, D)).astype(f32),
-        "dec_k": rng.normal(size=(Hc, L, Dh)).astype(f32),
-        "dec_v": rng.normal(size=(Hc, L, Dh)).astype(f32),
+        **_table_feeds(rng, d),
+        **_cache_feeds(rng, d, "cache_k", "cache_v", "dec_k", "dec_v"),
+    }
+    return feeds
+
+
+def _table_feeds(rng: np.random.Generator, d: dict[str, int]) -> dict[str, np.ndarray]:
+    """Random unit-table inputs: <null> key and value, decoder query, output query."""
+    Hc, Dh = d["Hc"], d["Dh"]
+    return {
+        "null_k": rng.normal(size=(Hc, 1, Dh)).astype(np.float32),
+        "null_v": rng.normal(size=(Hc, 1, Dh)).astype(np.float32),
+        "dec_q": rng.normal(size=(Hc, 1, Dh)).astype(np.float32),
+        "query": rng.normal(size=(1, d["D"])).astype(np.float32),
+    }
+
+
+def _cache_feeds(
+    rng: np.random.Generator, d: dict[str, int], k: str, v: str, dk: str, dv: str
+) -> dict[str, np.ndarray]:
+    """Random cached rows: per-layer keys ``k{i}`` / values ``v{i}`` (Hs, L, Dh) and the
+    decoder's keys ``dk`` / values ``dv`` (Hc, L, Dh)."""
+    Hc, Hs, Dh, L = d["Hc"], d["Hs"], d["Dh"], d["L"]
+    out = {
+        dk: rng.normal(size=(Hc, L, Dh)).astype(np.float32),
+        dv: rng.normal(size=(Hc, L, Dh)).astype(np.float32),
     }
     for i in range(d["depth"]):
-        feeds[f"cache_k{i}"] = rng.normal(size=(Hs, L, Dh)).astype(f32)
-        feeds[f"cache_v{i}"] = rng.normal(size=(Hs, L, Dh)).astype(f32)
-    return feeds
+        out[f"{k}{i}"] = rng.normal(size=(Hs, L, Dh)).astype(np.float32)
+        out[f"{v}{i}"] = rng.normal(size=(Hs, L, Dh)).astype(np.float32)
+    return out
 
 
 def chunk_feeds(
@@ -102,7 +122,7 @@ def chunk_feeds(
     d = _dims(decoder)
     rng = np.random.default_rng(seed)
     f32 = np.float32
-    Hc, Hs, Dh, D, n, L = d["Hc"], d["Hs"], d["Dh"], d["D"], d["n"], d["L"]
+    Hc, Dh, D, n, L = d["Hc"], d["Dh"], d["D"], d["n"], d["L"]
     G, B, S, Wb = groups, blocks, spikes, L // n
     seen = rng.integers(0, S + 1, (G, B))
     periods = package_of(decoder).periods
@@ -121,16 +141,9 @@ def chunk_feeds(
         **dict(zip(("rot_cos", "rot_sin"), rotation_rows(tb, periods, Dh), strict=True)),
         "band_dt": np.repeat(dt, n, axis=2).astype(f32),
         "band_idx": np.arange(G)[:, None] + np.arange(Wb),
-        "null_k": rng.normal(size=(Hc, 1, Dh)).astype(f32),
-        "null_v": rng.normal(size=(Hc, 1, Dh)).astype(f32),
-        "dec_q": rng.normal(size=(Hc, 1, Dh)).astype(f32),
-        "query": rng.normal(size=(1, D)).astype(f32),
-        "prev_dk": rng.normal(size=(Hc, L, Dh)).astype(f32),
-        "prev_dv": rng.normal(size=(Hc, L, Dh)).astype(f32),
+        **_table_feeds(rng, d),
+        **_cache_feeds(rng, d, "prev_k", "prev_v", "prev_dk", "prev_dv"),
     }
-    for i in range(d["depth"]):
-        feeds[f"prev_k{i}"] = rng.normal(size=(Hs, L, Dh)).astype(f32)
-        feeds[f"prev_v{i}"] = rng.normal(size=(Hs, L, Dh)).astype(f32)
     return feeds
 
 
