@@ -8,6 +8,8 @@ offline batch path, and on a real session with the shipped model.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -212,6 +214,27 @@ def test_chunked_decode_equals_streaming_at_any_chunk_size(setup, backend):
         assert (a.steps, a.groups_finished) == (b.steps, b.groups_finished + 1)
         eng.push(t[j : j + 100], u[j : j + 100])
         assert np.abs(eng.step(tq) - ref_next).max() <= TOL * ref_eng.norm.std.max()
+
+
+def test_chunked_decode_with_silence_and_overflow_equals_streaming(setup):
+    """Chunks with no spikes at all (a silent second) and groups over the buffer's
+    capacity (the first ``capacity`` spikes kept, the rest counted as overflow) decode
+    as streaming does."""
+    _, session, _ = setup
+    t, u = session.spike_times, session.spike_units
+    keep = (t < 3.0) | (t > 4.0)
+    t, u = t[keep], u[keep]
+    quiet = dataclasses.replace(session, spike_times=t, spike_units=u)
+    queries = 0.5 + 0.02 * np.arange(400) + 0.0007
+    ref_eng = engine(setup, max_spikes_per_group=12)
+    ref = stream(ref_eng, quiet, queries)
+    eng = engine(setup, max_spikes_per_group=12)
+    eng.CHUNK_SPIKES = 40  # a few groups a run: some runs see only the silence
+    got = eng.decode(t, u, queries, normalised=True)
+    assert_close(got, ref)
+    a, b = eng.stats(), ref_eng.stats()
+    assert b.rejected["overflow"] > 0
+    assert a.steps == b.steps and a.rejected["overflow"] >= b.rejected["overflow"]
 
 
 def test_two_worker_decode_equals_one(setup):
