@@ -49,10 +49,11 @@ class OfflineDecoding:
     ) -> np.ndarray:
         """Predictions (Q, D) at sorted ``query_times`` from a whole recording, equal to
         pushing every spike up to each query and calling ``step`` (the engine is reset
-        first, to ``start`` if given). Causal mode runs each group's queries and its
-        finish as one batch; window mode steps. ``normalised``: z-scores.
-        ``workers``: 2 decodes a causal recording of at least ``MIN_SPLIT_GROUPS``
-        groups on two threads (module docstring)."""
+        first, to ``start`` if given; the last query's group is finished with all its
+        spikes, later spikes are left for a later push). Causal mode runs the chunk
+        graph; window mode steps. ``normalised``: z-scores. ``workers``: 2 decodes on
+        two threads (module docstring): a causal recording of at least
+        ``MIN_SPLIT_GROUPS`` groups, or at least ``MIN_SPLIT_WINDOWS`` window queries."""
         tab = self._tables
         q = np.asarray(query_times, dtype=np.float64).reshape(-1)
         if np.any(np.diff(q) < 0):
