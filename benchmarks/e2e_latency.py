@@ -204,6 +204,7 @@ def run(
         "steps": st1["steps"] - st0["steps"],
         "missed": st1["missed_deadlines"] - st0["missed_deadlines"],
         "dropped": sum(st1["dropped"].values()),
+        "dropped_by_reason": {k: v for k, v in st1["dropped"].items() if v},
         "output_latency_ms": pct((ad - td)[keep_d] * 1e3),
         "spike_to_output_ms": pct((ad[ok] - pc[j[ok]]) * 1e3),
         "echo_latency_ms": pct((ae - te)[keep_e] * 1e3),
