@@ -60,3 +60,18 @@ def test_rotation_depends_on_time_differences_only():
         phases.rotate_rows(kk, np.array([1.0 + shift]), periods)
         scores.append(float((qq * kk).sum()))
     assert abs(scores[0] - scores[1]) <= 1e-5 * max(1.0, abs(scores[0]))
+
+
+def test_rotation_rows_rotate_elementwise_like_rotate_rows():
+    """The chunk graph's elementwise rotation, x ⊙ C + swap(x) ⊙ S with
+    ``rotation_rows``' C and S, rotates like ``rotate_rows`` (float32 rounding apart)."""
+    periods = phases.rotary_periods(F, 2e-3, 8.0)
+    t = _times()
+    x = np.random.default_rng(1).normal(size=(t.size, 2, DH)).astype(np.float32)
+    want = x.copy()
+    phases.rotate_rows(want, t, periods)
+    c, s = phases.rotation_rows(t, periods, DH)  # (m, Dh) each
+    swap = np.concatenate([x[..., DH // 2 :], x[..., : DH // 2]], -1)
+    got = x * c[:, None] + swap * s[:, None]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert np.abs(got - x).max() > 0.1  # it did rotate
