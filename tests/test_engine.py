@@ -145,13 +145,21 @@ def test_window_matches_offline(setup, backend, n):
     assert eng.stats().rejected["overflow"] == 0
 
 
-def test_decode_session_window_through_the_engine_equals_torch(setup):
+def test_decode_session_window_through_the_engine_equals_torch(setup, monkeypatch):
     """``decode_session`` (what ``evaluate`` runs) decodes window mode through the
-    engine's ONNX window step: equal to the torch windows it replaced."""
+    engine's ONNX window step (the torch windows are not called): equal to the torch
+    windows it replaced."""
+    import bci_decoder.decode as decode_module
+
     dec, session, _ = setup
     span = (4.0, 9.0)
-    _, _, eng = decode_session(dec, session, "hand_vel", span, "window")
     _, _, ref = decode_session(dec, session, "hand_vel", span, "window", backend="torch")
+
+    def no_torch_windows(*args, **kwargs):
+        raise AssertionError("the engine path decoded with torch windows")
+
+    monkeypatch.setattr(decode_module, "decode_window", no_torch_windows)
+    _, _, eng = decode_session(dec, session, "hand_vel", span, "window")
     assert_close(eng, ref)
 
 
