@@ -189,6 +189,10 @@ def test_page_in_chromium(session, models_dir, state_dir):
         st = srv.status()
         assert st["state"] == "running" and st["steps"] > steps0
         page.select_option("#cal-kind", "supervised")
+        # unit identification alone: auto's second stage (80 more steps, twice) took 58 s
+        # here quietly and over 150 s beside the other test process in CI; it has its own
+        # live test (test_calibration_second_stage.py)
+        page.select_option("#cal-adapt", "units")
         # calibrate from the last 10 s of the buffer (short, so the test stays short)
         while srv.status()["behavior"]["seconds"] < 10.5:
             time.sleep(0.2)
@@ -199,7 +203,7 @@ def test_page_in_chromium(session, models_dir, state_dir):
         page.wait_for_function(
             "() => document.getElementById('cal-state').dataset.state === 'applied'"
             " && document.getElementById('calibration').textContent !== 'none'",
-            timeout=150_000,  # ~30 s on a quiet 2-core machine, 60 s beside two trainings
+            timeout=150_000,
         )
         cal_s = time.monotonic() - t_cal
         calibration = page.inner_text("#calibration")
@@ -220,4 +224,5 @@ def test_page_in_chromium(session, models_dir, state_dir):
     assert live_after < 10
     assert st["model"]["calibration"] == calibration and st["model"]["calibrated"] is True
     assert "held-out R²" in job_text and "applied" in job_text
+    assert "unit identification only, as asked" in job_text, job_text  # the stage's reason
     assert (OUT / "page.png").stat().st_size > 20_000

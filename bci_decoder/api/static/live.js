@@ -56,6 +56,7 @@ $("calibrate").onclick = async () => {
     steps: Number($("cal-steps").value),
     auto_apply: true,
   };
+  if (mode === "supervised") body.adapt = $("cal-adapt").value;  // label-free fits units only
   try {
     job = await call("POST", "/calibrations", body);
     say(`${kind} calibration ${job.name} started (${job.units} units, ${job.seconds.toFixed(0)} s)`);
@@ -78,6 +79,7 @@ async function pollJob() {
   if (job.loss != null) text += ` · loss ${job.loss.toFixed(3)}`;
   if (job.heldout_r2 != null) text += ` · held-out R² ${job.heldout_r2.toFixed(3)}`;
   if (job.wiener_r2 != null) text += ` (Wiener ${job.wiener_r2.toFixed(3)})`;
+  if (job.stage_reason) text += ` · ${job.stage_reason}`;
   if (job.applied) text += " · applied";
   if (job.error) text += ` · ${job.error}`;
   $("cal-state").textContent = text;
