@@ -98,6 +98,11 @@ class ServeConfig(BaseModel):
     # future_time); a stream whose spikes are mostly rejected for a second is stalled
     max_future_s: float = Field(1.0, gt=0)
     spin_us: float = Field(150.0, ge=0)  # busy-wait before each deadline (sleep jitter)
+    # this long before each deadline, push the spikes that have arrived and run the step
+    # once, output discarded, so the deadline's step finds warm caches (a cold step cost
+    # 1.4 ms at 100 Hz against 0.45 ms warm); off where the hop is under twice this
+    # (1 kHz), 0: off. Costs one more step of CPU per deadline
+    prime_us: float = Field(2000.0, ge=0)
     # freeze the start-up heap out of the cyclic GC (runtime/gc_pauses.py): a full
     # collection of it would hold the GIL ~150 ms, but none came in 3-minute runs, and
     # with the freeze model swaps held the loop up longer (largest interval 40-50 ms vs

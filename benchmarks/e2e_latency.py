@@ -50,6 +50,7 @@ from benchmarks.engine_latency import stream as poisson_session  # noqa: E402
 # --compare: (label, the second daemon's config changes)
 COMPARE = {
     "gc": ("GC frozen", {"gc_freeze": True}),
+    "prime": ("not primed", {"prime_us": 0.0}),
     "realtime": ("normal priority", {"realtime_priority": None}),
 }
 
@@ -110,6 +111,7 @@ def run(
     realtime_priority: int | None = 50,
     compare: str | None = None,
     pages: int = 0,
+    prime_us: float | None = None,
 ) -> dict:
     tag = uuid.uuid4().hex[:8]
     session = poisson_session(units, seconds + 5.0)
@@ -130,6 +132,8 @@ def run(
         "spikes": {"type": "Spikes", "source_id": spikes_id}, "control_source_id": control_id,
         "api": {"host": "127.0.0.1", "port": port, "token": token},
     }  # fmt: skip
+    if prime_us is not None:
+        cfg["prime_us"] = prime_us
     (work / "serve.yaml").write_text(yaml.safe_dump(cfg))
     # --compare SETTING: a second daemon on the same stream with that setting flipped, side
     # by side in the same run (the same machine noise hits both)
@@ -199,6 +203,7 @@ def run(
     ok = keep_d & (j >= 0)
     out = {
         "cadence_hz": cadence,
+        "prime_us": prime_us,  # None: the serve config's default
         "units": units,
         "seconds": seconds,
         "steps": st1["steps"] - st0["steps"],
@@ -276,6 +281,8 @@ def main() -> None:
                     help="also run a daemon with this setting flipped, on the same stream")  # fmt: skip
     ap.add_argument("--pages", type=int, default=0,
                     help="monitoring pages (SSE clients) open during the replay")  # fmt: skip
+    ap.add_argument("--prime-us", type=float,
+                    help="the daemon's prime_us (default: the serve config's; 0: off)")  # fmt: skip
     ap.add_argument("--plot-only", type=Path, metavar="JSON",
                     help="redraw the PNG of an earlier run's JSON, run nothing")  # fmt: skip
     a = ap.parse_args()
@@ -286,7 +293,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:
         r = run(a.units, a.cadence, a.seconds, a.model, Path(tmp), a.realtime_priority or None,
-                a.compare, a.pages)  # fmt: skip
+                a.compare, a.pages, a.prime_us)  # fmt: skip
     print(table(r))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)

@@ -534,6 +534,7 @@ class Daemon:
                 safe_output=cfg.safe_output,
                 stalled=self._stalled,
                 spin_us=cfg.spin_us,
+                prime_us=cfg.prime_us,
                 trace_steps=cfg.trace_steps,
                 rt_priority=cfg.realtime_priority,
             )
@@ -773,6 +774,9 @@ class Daemon:
             "steps": ls.steps if ls else 0,
             "missed_deadlines": ls.missed if ls else 0,
             "late_outputs": ls.late if ls else 0,
+            # deadlines whose spikes were pushed and step warmed before them (prime_us)
+            "primed_deadlines": ls.primes if ls else 0,
+            "prime_errors": ls.prime_errors if ls else 0,
             "errors": ls.errors if ls else 0,
             "non_finite_outputs": ls.non_finite_outputs if ls else 0,
             "last_error": ls.last_error if ls else "",

@@ -7,6 +7,14 @@ the engine at the deadline time t, and pushes the output with timestamp t. A dea
 that passed before its step began is *missed* (skipped, counted); a step whose output
 left after the next deadline is *late* (counted as missed too).
 
+Priming (``prime_us``, when the hop leaves room for it): ``prime_us`` before each
+deadline the loop reads the spikes that have arrived, pushes them (finishing a latent
+group that ended, if one did) and runs the step graph once on that state, its output
+thrown away. At 100 Hz the caches a step touches go cold in the 10 ms between steps: a
+cold step cost 1.4 ms in the daemon against 0.45 ms back to back. Primed, the deadline's
+work is the last spikes' push and a warm step. The output at t is the same function of the
+spikes up to t either way; the warm-up run costs one more step of CPU per deadline.
+
 Nothing a stream or a request does can end the loop: a failing step is counted, the
 safe value is sent, and the engine is reset. An output that is not finite (NaN or inf,
 from a poisoned table or weights) counts as a failing step: it is never sent. Engines are swapped between two steps
@@ -63,6 +71,8 @@ class LoopStats:
     missed: int = 0  # deadlines skipped or outputs sent after the next deadline
     late: int = 0  # of which: sent after the next deadline
     errors: int = 0  # steps that raised (safe value sent instead)
+    primes: int = 0  # deadlines primed (spikes pushed and the graph run before them)
+    prime_errors: int = 0  # primings that raised (the engine is reset; the step goes on)
     safe_steps: int = 0  # steps that sent the safe value (stalled or error)
     spikes_in: int = 0  # spikes handed to the engine
     unknown_unit_spikes: int = 0
@@ -114,6 +124,7 @@ class DecodeLoop(threading.Thread):
         spin_us: float = 150.0,
         trace_steps: int = 0,
         rt_priority: int | None = None,
+        prime_us: float = 0.0,
     ) -> None:
         super().__init__(name="decode-loop", daemon=True)
         self.rt_priority = rt_priority  # SCHED_FIFO priority of this thread (priority.py)
@@ -125,6 +136,9 @@ class DecodeLoop(threading.Thread):
         self.safe_output = safe_output
         self.is_stalled = stalled
         self.spin = spin_us * 1e-6
+        # priming needs the step's own time before the deadline and as much again for
+        # the deadline's work: off where the hop is shorter (1 kHz: caches stay warm)
+        self.prime = prime_us * 1e-6 if 0 < 2 * prime_us * 1e-6 <= self.hop else 0.0
         self.stats = LoopStats()
         self.step_ms = LatencyLog()  # engine work per step (read + push + step)
         self.output_ms = LatencyLog()  # from the deadline to the output leaving
@@ -179,6 +193,9 @@ class DecodeLoop(threading.Thread):
         k = int(np.ceil(lsl_clock() / hop)) + 1  # deadlines at k * hop: absolute grid
         while not self._stop_event.is_set():
             deadline = k * hop
+            if self.prime and lsl_clock() < deadline - self.prime:
+                self._sleep_until(deadline - self.prime)
+                self._prime(deadline)
             self._sleep_until(deadline)
             now = lsl_clock()
             behind = int((now - deadline) // hop)
@@ -211,39 +228,71 @@ class DecodeLoop(threading.Thread):
         self.stats.swaps += 1
         self._swapped.set()
 
-    def _one_step(self, t: float) -> None:
-        t0 = time.perf_counter()
-        self._swap_if_pending()
+    def _read(self, t: float) -> tuple[np.ndarray, np.ndarray]:
+        """The spikes in the ring with time <= t that the active engine has not had;
+        newer ones wait in the carry for a later step."""
         act = self.active
-        st = self.stats
         times, units, act.cursor, lost = self.ring.read_spikes(act.cursor)
-        st.ring_lost += lost
-        if st.steps < len(self.trace_t):
-            self.trace_t[st.steps], self.trace_cursor[st.steps] = t, act.cursor
+        self.stats.ring_lost += lost
         if len(self._carry_t):
             times = np.concatenate([self._carry_t, times])
             units = np.concatenate([self._carry_u, units])
         # spikes newer than t wait for the next step (a step at t uses spikes <= t only)
         n_now = int(np.searchsorted(times, t, side="right"))
         self._carry_t, self._carry_u = times[n_now:], units[n_now:]
-        times, units = times[:n_now], units[:n_now]
+        return times[:n_now], units[:n_now]
+
+    def _push(self, times: np.ndarray, units: np.ndarray) -> None:
+        """Stream unit indices mapped to the engine's; unknown units counted, not pushed."""
+        if not len(times):
+            return
+        act, st = self.active, self.stats
+        mapped = np.full(len(units), -1, np.int64)
+        inside = (units >= 0) & (units < len(act.unit_map))
+        mapped[inside] = act.unit_map[units[inside]]
+        unknown = mapped < 0
+        if unknown.any():
+            st.unknown_unit_spikes += int(unknown.sum())
+            if len(st.unknown_units) < 100_000:
+                st.unknown_units.update(np.unique(units[unknown]).tolist())
+            times, mapped = times[~unknown], mapped[~unknown]
+        act.engine.push(times, mapped)
+        st.spikes_in += len(times)
+
+    def _prime(self, deadline: float) -> None:
+        """Before the deadline: push what has arrived and warm the step (module doc).
+        Only on a live stream with no engine waiting to be swapped in: a stream coming
+        back resets the engine at the step, and a new engine starts at the step."""
+        if self.stalled or self._pending is not None or self.is_stalled(lsl_clock()):
+            return
+        try:
+            self._push(*self._read(deadline))
+            warm = getattr(self.active.engine, "warm", None)
+            if warm is not None:
+                warm()
+            self.stats.primes += 1
+        except Exception as e:  # noqa: BLE001 - the step at the deadline goes on
+            self.stats.prime_errors += 1
+            self.stats.last_error = f"priming: {type(e).__name__}: {e}"[:500]
+            try:
+                self.active.engine.reset()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _one_step(self, t: float) -> None:
+        t0 = time.perf_counter()
+        self._swap_if_pending()
+        act = self.active
+        st = self.stats
+        times, units = self._read(t)
+        if st.steps < len(self.trace_t):
+            self.trace_t[st.steps], self.trace_cursor[st.steps] = t, act.cursor
         stalled = self.is_stalled(t)
         try:
             if self.stalled and not stalled and st.spikes_in:
                 act.engine.reset()  # the stream is back: start from its present
             self.stalled = stalled
-            if len(times):
-                mapped = np.full(len(units), -1, np.int64)
-                inside = (units >= 0) & (units < len(act.unit_map))
-                mapped[inside] = act.unit_map[units[inside]]
-                unknown = mapped < 0
-                if unknown.any():
-                    st.unknown_unit_spikes += int(unknown.sum())
-                    if len(st.unknown_units) < 100_000:
-                        st.unknown_units.update(np.unique(units[unknown]).tolist())
-                    times, mapped = times[~unknown], mapped[~unknown]
-                act.engine.push(times, mapped)
-                st.spikes_in += len(times)
+            self._push(times, units)
             y = act.engine.step(t)
             if stalled:
                 raise _Stalled

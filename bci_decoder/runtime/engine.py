@@ -585,6 +585,21 @@ class StreamingEngine(OfflineDecoding):
         self._lat_i = (self._lat_i + 1) % self._lat.size
         return y
 
+    def warm(self) -> None:
+        """Run the step graph once on the present state and throw its output away: the
+        weights and buffers a step reads are in the CPU caches for the next step (the
+        decode loop primes each deadline this way at 100 Hz). No state or counter changes,
+        so the next ``step`` returns what it would have; a no-op before the first step."""
+        if self._steps == 0:
+            return
+        tab = self._tables
+        if tab is not self._bound_tables:
+            self._bind_tables(tab)
+        if self.mode == "causal":
+            self._run("causal_step")
+        else:
+            self._step_window(self._last_step)
+
     def _step_causal(self, t: float, tab: UnitTables) -> np.ndarray:
         s = self.step_s
         g = _grid_index(t, s)
