@@ -36,6 +36,20 @@ def test_phase_rows_equal_rotary_phases():
         np.testing.assert_array_equal(one, phases.phase_rows(ti, periods, DH))
 
 
+def test_float32_cos_sin_within_float32_rounding_of_rotary_phases():
+    """The offline chunk graph's spike phases (float32 cos/sin of the float64-reduced
+    angle) differ from the one phase function's by float32 rounding only, at t = 36,000 s
+    too."""
+    periods = phases.rotary_periods(F, 2e-3, 8.0)
+    t = np.concatenate([_times(), np.random.default_rng(1).uniform(0, 3600, 20_000)])
+    cos, sin = rotary.rotary_phases(torch.from_numpy(t), torch.from_numpy(periods))
+    c32, s32 = phases.cos_sin_float32(t, periods)
+    assert c32.dtype == s32.dtype == np.float32 and c32.shape == (t.size, F)
+    for got, want in ((c32, cos.numpy()), (s32, sin.numpy())):
+        assert np.abs(got - want).max() <= 3e-7  # the angle cast: half an ulp of 2π
+        assert np.abs(got - want).mean() < 1e-7
+
+
 def test_rotate_rows_equals_rotate():
     periods = phases.rotary_periods(F, 2e-3, 8.0)
     t = _times()

