@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from bci_decoder.model import layout
+
 app = typer.Typer(
     help=(
         "bci_decoder: spike-token (POYO) decoding for brain-computer interfaces.\n\n"
@@ -127,7 +129,6 @@ def mtm_head(
     import torch
 
     from bci_decoder.config import MtMSettings, load_train_config
-    from bci_decoder.model import layout
     from bci_decoder.model.package import file_sha256
     from bci_decoder.train.loop import selected_sessions
     from bci_decoder.train.objectives import train_mtm_head
@@ -354,8 +355,10 @@ def export(
     ] = None,
     capacity: Annotated[
         int, typer.Option(help="Spikes per 50 ms causal group the graph holds")
-    ] = 2048,
-    window_capacity: Annotated[int, typer.Option(help="Spikes per window (window mode)")] = 8192,
+    ] = layout.GROUP_SPIKES,
+    window_capacity: Annotated[
+        int, typer.Option(help="Spikes per window (window mode)")
+    ] = layout.WINDOW_SPIKES,
 ) -> None:
     """The model package the daemon serves: ONNX step graphs (causal and window modes,
     checked against torch before writing), unit/session tables and normalisation

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from bci_decoder.data.session import Session
+from bci_decoder.model import layout
 from bci_decoder.tokenizer import (
     collate_causal,
     collate_window,
@@ -159,7 +160,7 @@ def decode_stream(
                 - np.searchsorted(t, q - decoder.config.context, "right")
             ).max()
         )
-        sizes["max_spikes_per_window"] = max(8192, most)
+        sizes["max_spikes_per_window"] = max(layout.WINDOW_SPIKES, most)
     engine = StreamingEngine(
         decoder,
         session.session_id,

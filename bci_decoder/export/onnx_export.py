@@ -268,7 +268,11 @@ def _stamp(graph: bytes, digest: str) -> bytes:
     return model.SerializeToString()
 
 
-def build_graphs(decoder: Decoder, capacity: int = 2048, window_capacity: int = 8192) -> dict:
+def build_graphs(
+    decoder: Decoder,
+    capacity: int = layout.GROUP_SPIKES,
+    window_capacity: int = layout.WINDOW_SPIKES,
+) -> dict:
     """The checked step graphs as serialized ONNX bytes, keyed by name (in memory: an
     engine can load them without touching disk), stamped with the weights' graph hash."""
     digest = package_of(decoder).graph_hash
@@ -293,7 +297,9 @@ _GRAPHS: dict[tuple[str, int, int], dict[str, bytes]] = {}
 
 
 def in_memory_package(
-    decoder: Decoder, capacity: int = 2048, window_capacity: int = 8192
+    decoder: Decoder,
+    capacity: int = layout.GROUP_SPIKES,
+    window_capacity: int = layout.WINDOW_SPIKES,
 ) -> ModelPackage:
     """The decoder's package with its graphs in memory (tests, offline evaluation,
     benchmarks); graphs are built once per set of graph weights, so a calibrated copy of
@@ -309,8 +315,8 @@ def in_memory_package(
 def export_package(
     decoder: Decoder,
     out: str | Path,
-    capacity: int = 2048,
-    window_capacity: int = 8192,
+    capacity: int = layout.GROUP_SPIKES,
+    window_capacity: int = layout.WINDOW_SPIKES,
     weights_sha256: str | None = None,
 ) -> Path:
     """Write the decoder's whole package into ``out``: package.json, tables.safetensors
@@ -338,7 +344,11 @@ def export_package(
     return out
 
 
-def export_model(folder: str | Path, capacity: int = 2048, window_capacity: int = 8192) -> list:
+def export_model(
+    folder: str | Path,
+    capacity: int = layout.GROUP_SPIKES,
+    window_capacity: int = layout.WINDOW_SPIKES,
+) -> list:
     """Export the model in ``folder`` and re-write the tables of each of its stored
     calibrations (which share its graphs; one with graphs of its own, a second stage that
     fine-tuned shared weights, is exported whole). Returns the folders written."""

@@ -111,8 +111,8 @@ class Decoder:
 def package_of(
     decoder: Decoder,
     weights_sha256: str = "",
-    capacity: int = 2048,
-    window_capacity: int = 8192,
+    capacity: int = layout.GROUP_SPIKES,
+    window_capacity: int = layout.WINDOW_SPIKES,
 ) -> ModelPackage:
     """The decoder's package (``model.package``) in memory, without graphs."""
     m = decoder.model

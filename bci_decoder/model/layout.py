@@ -30,6 +30,11 @@ GRAPHS = ("causal_step", "causal_finish", "causal_chunk", "window_step")
 CALIBRATIONS = "calibrations"
 TMP_PREFIX = ".tmp-"  # hidden: never a valid calibration name, never listed
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+# the step graphs' default buffer sizes: spikes per latent group (causal mode) and per
+# window (window mode); an export records the sizes it checked, an engine's buffers
+# default to them
+GROUP_SPIKES = 2048
+WINDOW_SPIKES = 8192
 EXPORT_COMMAND = "bci-decoder export --model {folder}  (or `make packages` for models/)"
 
 

@@ -358,7 +358,10 @@ def _store(spec: JobSpec, dec: Any, graphs: bool = False) -> None:
 
             sizes = ModelPackage.load(spec.base_model).spec
             export_package(
-                dec, tmp, sizes.get("capacity", 2048), sizes.get("window_capacity", 8192)
+                dec,
+                tmp,
+                sizes.get("capacity", layout.GROUP_SPIKES),
+                sizes.get("window_capacity", layout.WINDOW_SPIKES),
             )
     except BaseException:
         import shutil

@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bci_decoder.model import layout
 from bci_decoder.model.normalizer import Normalizer
 from bci_decoder.model.package import ModelPackage, PackageError
 from bci_decoder.model.phases import PhaseScratch, RowRotation, angles
@@ -123,8 +124,8 @@ class StreamingEngine(OfflineDecoding):
         *,
         mode: str = "causal",
         backend: str = "onnx",
-        max_spikes_per_group: int = 2048,
-        max_spikes_per_window: int = 8192,
+        max_spikes_per_group: int = layout.GROUP_SPIKES,
+        max_spikes_per_window: int = layout.WINDOW_SPIKES,
         onnx_path: str | Path | None = None,
         intra_op_threads: int = 1,
         providers: list[str] | None = None,
