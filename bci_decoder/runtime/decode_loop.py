@@ -11,9 +11,12 @@ Priming (``prime_us``, when the hop leaves room for it): ``prime_us`` before eac
 deadline the loop reads the spikes that have arrived, pushes them (finishing a latent
 group that ended, if one did) and runs the step graph once on that state, its output
 thrown away. At 100 Hz the caches a step touches go cold in the 10 ms between steps: a
-cold step cost 1.4 ms in the daemon against 0.45 ms back to back. Primed, the deadline's
-work is the last spikes' push and a warm step. The output at t is the same function of the
-spikes up to t either way; the warm-up run costs one more step of CPU per deadline.
+cold step cost 1.4-1.8 ms against 0.35-0.45 ms back to back on this VM. Primed, the
+deadline's work is the last spikes' push and a warmer step (daemon, 60 s runs
+interleaved: 1.65 -> 1.03 ms p50). Priming twice (2 ms and 0.6 ms before) gained another
+0.3 ms in one process but nothing in the daemon (0.83-1.06 vs 0.99-1.07 ms), so it is
+once. The output at t is the same function of the spikes up to t either way; the warm-up
+run costs one more step of CPU per deadline.
 
 Nothing a stream or a request does can end the loop: a failing step is counted, the
 safe value is sent, and the engine is reset. An output that is not finite (NaN or inf,
