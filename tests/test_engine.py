@@ -205,21 +205,6 @@ def test_primed_steps_equal_plain_steps(setup, mode):
     assert st.steps == len(queries) and sum(st.rejected.values()) == 0
 
 
-def test_priming_is_off_where_the_hop_has_no_room():
-    """``prime_us`` needs twice its time in a hop: on at 100 Hz, off at 1 kHz and at 0."""
-    from bci_decoder.runtime.decode_loop import ActiveEngine, DecodeLoop
-    from bci_decoder.runtime.ring import SpikeRing
-
-    act = ActiveEngine(None, np.zeros(0, np.int64), 0, ["x"], "x", "s", False, "m")
-
-    def loop(hz: float, us: float) -> float:
-        return DecodeLoop(SpikeRing(1000), act, lambda y, t: None, cadence_hz=hz,
-                          prime_us=us).prime  # fmt: skip
-
-    assert loop(100, 2000) == pytest.approx(0.002) and loop(1000, 2000) == 0.0
-    assert loop(100, 0) == 0.0 and loop(250, 2000) == pytest.approx(0.002)
-
-
 def test_offline_decode_equals_streaming(setup):
     """``decode`` (the chunk graph: many groups' queries and finishes in one run) ==
     push + step."""
