@@ -92,6 +92,13 @@ class ServeConfig(BaseModel):
     # 2 x capacity x heads x 32 float32 (4 MB here) and a step reads only the rows in use
     max_spikes_per_group: int = Field(16_384, ge=64, le=1_048_576)
     cadence_hz: float = Field(100.0, gt=0, le=2000)
+    # a spike of the latent group just finished that arrives late (LSL delivers in
+    # bursts) still joins it while no step has gone past the group's end by more than
+    # this; the group is then finished again with it (one more finish run, only for a
+    # group that got late spikes; runtime/engine.py). Later ones are dropped and counted
+    # (engine_late). At 1 kHz 22% of spikes came after their group's first step past its
+    # end; 0: drop them all, as before
+    late_grace_s: float = Field(0.02, ge=0, le=1.0)
     safe_output: Literal["hold", "zero"] = "hold"  # what is sent while the stream is stalled
     stall_after_s: float = Field(0.5, gt=0)  # no spike for this long: stalled
     # a spike stamped further than this ahead of the LSL clock is rejected (counted as

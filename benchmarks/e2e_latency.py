@@ -210,6 +210,9 @@ def run(
         "missed": st1["missed_deadlines"] - st0["missed_deadlines"],
         "dropped": sum(st1["dropped"].values()),
         "dropped_by_reason": {k: v for k, v in st1["dropped"].items() if v},
+        # spikes that came after their group was finished but within late_grace_s
+        "late_accepted": (st1.get("engine") or {}).get("late_accepted", 0)
+        - (st0.get("engine") or {}).get("late_accepted", 0),
         "output_latency_ms": pct((ad - td)[keep_d] * 1e3),
         "spike_to_output_ms": pct((ad[ok] - pc[j[ok]]) * 1e3),
         "echo_latency_ms": pct((ae - te)[keep_e] * 1e3),
@@ -243,7 +246,8 @@ def table(r: dict) -> str:
     lines = [
         f"{r['units']} units at 20 Hz, {r['cadence_hz']:g} Hz cadence, {r['seconds']:g} s: "
         f"{r['steps']} steps, {r['missed']} missed ({100 * r['missed'] / max(r['steps'], 1):.2f}%), "
-        f"{r['dropped']} dropped, daemon CPU {r['daemon_cpu_percent']:.0f}%",
+        f"{r['dropped']} dropped ({r.get('late_accepted', 0)} late ones kept), "
+        f"daemon CPU {r['daemon_cpu_percent']:.0f}%",
         f"{'latency (ms)':<22}{'p50':>9}{'p99':>9}{'p99.9':>9}",
         row("output (daemon)", r["output_latency_ms"]),
         row("spike -> output", r["spike_to_output_ms"]),

@@ -122,7 +122,9 @@ def test_live_decoding_matches_offline_engine(session, state_dir):
     # the same spikes through an offline engine at the same steps: the same outputs,
     # up to the swap (after it a primed engine took over)
     n_trace = int((loop.trace_t > 0).sum())
-    eng = StreamingEngine(daemon.package, session.session_id, "hand_vel")
+    eng = StreamingEngine(
+        daemon.package, session.session_id, "hand_vel", late_grace_s=cfg.late_grace_s
+    )  # late spikes joined as live
     local = {u: i for i, u in enumerate(session.unit_ids)}
     names = [session.unit_ids[i] for i in range(session.num_units)]
     unit_map = np.array([local[n] for n in names])

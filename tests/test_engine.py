@@ -205,6 +205,47 @@ def test_primed_steps_equal_plain_steps(setup, mode):
     assert st.steps == len(queries) and sum(st.rejected.values()) == 0
 
 
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_late_spikes_within_the_grace_refinish_their_group(setup, backend):
+    """Spikes delivered 4 ms late at a 1 ms hop. With ``late_grace_s`` every late spike
+    joins its group, which is finished again at the first step past the grace: from
+    then on each step equals an engine whose finished groups got every spike in time
+    (its current group holding what had arrived). Without a grace they are dropped as
+    ``late`` and the outputs differ."""
+    dec, session, _ = setup
+    hop, delay, grace, s = 0.001, 0.004, 0.01, 0.05
+    queries = 0.5 + hop * np.arange(1500) + 0.0003
+    prev_end = (np.ceil(queries / s) - 1) * s  # end of the group before each step's
+    t_sp, u_sp = session.spike_times, session.spike_units
+
+    def run(eng: StreamingEngine, upto: np.ndarray) -> np.ndarray:
+        """Step at each query after pushing the spikes up to ``upto`` of it."""
+        out, j = [], 0
+        for t, up in zip(queries, upto, strict=True):
+            k = np.searchsorted(t_sp, up, side="right")
+            eng.push(t_sp[j:k], u_sp[j:k])
+            j = k
+            out.append(eng.step(t))
+        return (np.array(out) - eng.norm.mean) / eng.norm.std
+
+    late = engine(setup, backend=backend, late_grace_s=grace)
+    got = run(late, queries - delay)
+    st = late.stats()
+    assert st.rejected["late"] == 0 and st.late_accepted > 30, st
+    assert st.spikes == np.searchsorted(t_sp, queries[-1] - delay, side="right")
+    # the reference: before stepping, each group before the step's is complete
+    ref = run(engine(setup, backend=backend), np.maximum(queries - delay, prev_end))
+    settled = queries > prev_end + grace
+    assert settled.sum() > 500 and (~settled).sum() > 200
+    assert_close(got[settled], ref[settled])
+    assert np.abs(got[~settled] - ref[~settled]).max() > 1e-4  # the grace's steps differ
+    # without a grace the late spikes are lost
+    dropped = engine(setup, backend=backend)
+    lost = run(dropped, queries - delay)
+    assert dropped.stats().rejected["late"] == st.late_accepted
+    assert np.abs(lost[settled] - ref[settled]).max() > 1e-3
+
+
 def test_offline_decode_equals_streaming(setup):
     """``decode`` (the chunk graph: many groups' queries and finishes in one run) ==
     push + step."""

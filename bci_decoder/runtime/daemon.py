@@ -305,7 +305,8 @@ class Daemon:
         self.tables = plan["tables"]
         engine = StreamingEngine(pkg, plan["session"], plan["output"], mode=self.cfg.mode,
                                  intra_op_threads=self.cfg.onnx_threads,
-                                 max_spikes_per_group=self.cfg.max_spikes_per_group)  # fmt: skip
+                                 max_spikes_per_group=self.cfg.max_spikes_per_group,
+                                 late_grace_s=self.cfg.late_grace_s)  # fmt: skip
         sess = getattr(engine.runner, "session", None)
         if sess is not None:
             self.providers = list(sess.get_providers())

@@ -12,6 +12,15 @@ crosses into a new group, the finished group is run once at its end time by the 
 graph, whose per-layer keys (rotated at the group's time) and values go into a ring of
 the last ``context - step`` seconds of groups. Nothing already computed is recomputed.
 
+Late spikes (``late_grace_s``): a spike stamped inside the group just finished, arriving
+after the step that finished it (LSL delivers it late: at 1 kHz 22% of spikes came after
+their group's first step past its end), joins that group while no step has gone past its
+end by more than the grace. At the first step past it, the group is finished again with
+all its spikes (one more finish run, only for groups that got late spikes) and its cache
+rows replaced, so every later step sees what it would have had the spikes come in time;
+steps within the grace saw the group as it was. Later than the grace, or for an older
+group, a spike is counted ``late`` and dropped, as before.
+
 Window mode, per step: the window's cached spike keys, latents recomputed (reference
 accuracy, the published POYO).
 
@@ -76,6 +85,7 @@ class EngineStats:
     steps: int
     groups_finished: int
     spikes: int  # accepted
+    late_accepted: int  # of which: arrived after their group was finished, within the grace
     rejected: dict[str, int]  # by reason: REJECT_REASONS
     p50_ms: float
     p99_ms: float
@@ -132,6 +142,7 @@ class StreamingEngine(OfflineDecoding):
         cuda_graph: bool = False,
         latency_window: int = 16384,
         tables: UnitTables | None = None,
+        late_grace_s: float = 0.0,
     ) -> None:
         if mode not in ("causal", "window"):
             raise ValueError(f"mode must be 'causal' or 'window', not {mode!r}")
@@ -164,6 +175,10 @@ class StreamingEngine(OfflineDecoding):
         self.F = self.periods.size
         self.rotate_values = d["rotate_values"]
         self.capacity, self.ring_capacity = max_spikes_per_group, max_spikes_per_window
+        if not late_grace_s >= 0:
+            raise ValueError(f"late_grace_s must be >= 0 seconds, not {late_grace_s}")
+        # a group of a one-group context is never read once finished: nothing to redo
+        self.late_grace = float(late_grace_s) if d["W"] > 1 else 0.0
         self.P = d["P"]
         self._tables = tables if tables is not None else UnitTables.build(pkg, session_id, output)
         self._intra_op_threads, self._providers = intra_op_threads, providers
@@ -204,7 +219,7 @@ class StreamingEngine(OfflineDecoding):
         self.fixed_shapes = cuda_graph and getattr(self.runner, "device", "cpu") == "cuda"
         self._lat = np.full(latency_window, np.nan)
         self._lat_i = 0
-        self._steps = self._spikes = self._groups_finished = 0
+        self._steps = self._spikes = self._groups_finished = self._late_accepted = 0
         self._rejected = dict.fromkeys(REJECT_REASONS, 0)
         self._allocate()
         self.reset()
@@ -252,6 +267,18 @@ class StreamingEngine(OfflineDecoding):
             self._dec_v = np.zeros((Hc, L, Dh), f32)
             self._cache_time = np.full(L, -np.inf)  # float64 group times; -inf: empty row
             self._pred = np.zeros((1, self.P), f32)
+            # the last finished group, kept for late spikes (late_grace_s): its spikes,
+            # their embedding sum, and the ring rows its finish overwrote
+            self._last_k = np.zeros((cap, Hc, Dh), f32)
+            self._last_v = np.zeros((cap, Hc, Dh), f32)
+            self._last_feat = np.zeros(D, f32)
+            self._evicted = {
+                "k": np.zeros((self.depth, Hs, n, Dh), f32),
+                "v": np.zeros((self.depth, Hs, n, Dh), f32),
+                "dk": np.zeros((Hc, n, Dh), f32),
+                "dv": np.zeros((Hc, n, Dh), f32),
+                "time": np.full(n, -np.inf),
+            }
             self._new = {
                 "new_k": np.zeros((self.depth * Hs, n, Dh), f32),
                 "new_v": np.zeros((self.depth * Hs, n, Dh), f32),
@@ -366,6 +393,9 @@ class StreamingEngine(OfflineDecoding):
             self._dec_v[:] = 0.0
             self._cache_time[:] = -np.inf
             self._slot = 0
+            self._last_group: int | None = None  # open to late spikes (late_grace_s)
+            self._last_count = 0
+            self._late_pending = False  # late spikes joined it: finish it again
         else:
             self._w_end = 0
             self._wcs[0] = 0.0
@@ -455,17 +485,19 @@ class StreamingEngine(OfflineDecoding):
         if self._group is None:
             self._group = _grid_index(float(t[0]), s)
         start = (self._group - 1) * s
+        late_accepted = 0
         if t[0] <= start:  # their group has been finished (a step moved past it)
             i = int(np.searchsorted(t, start, side="right"))
-            self._rejected["late"] += i
+            late_accepted = self._append_late(t[:i], u[:i], tab)
+            self._rejected["late"] += i - late_accepted
             t, u = t[i:], u[i:]
             if t.size == 0:
-                return 0
+                return late_accepted
         end = self._group * s
         if t[-1] <= end:  # the usual case: all in the current group
-            return self._append(t, u, tab)
+            return late_accepted + self._append(t, u, tab)
         i = int(np.searchsorted(t, end, side="right"))
-        accepted = self._append(t[:i], u[:i], tab) if i else 0
+        accepted = late_accepted + (self._append(t[:i], u[:i], tab) if i else 0)
         t, u = t[i:], u[i:]
         g = grid_index(t, s)
         cuts = [0, *(np.flatnonzero(np.diff(g)) + 1).tolist(), t.size]
@@ -487,6 +519,63 @@ class StreamingEngine(OfflineDecoding):
         self._count = c1
         self._dirty.update(("count_feat", "spike_k", "spike_v", "spike_bias"))
         return t.size
+
+    def _append_late(self, t: np.ndarray, u: np.ndarray, tab: UnitTables) -> int:
+        """Late spikes (time order, all before the current group): those of the group
+        just finished join it while the grace lasts (module doc); returns how many."""
+        g, s = self._last_group, self.step_s
+        if g is None or g != self._group - 1 or self._last_step > g * s + self.late_grace:
+            return 0
+        t = t[int(np.searchsorted(t, (g - 1) * s, side="right")) :]  # older groups: late
+        u = u[u.size - t.size :]
+        c0 = self._last_count
+        t, u = self._clip(t, u, self.capacity - c0)
+        if t.size == 0:
+            return 0
+        c1 = c0 + t.size
+        self._keys_values(self._last_k[c0:c1], self._last_v[c0:c1], t, u, tab)
+        self._last_feat += tab.emb[u].sum(0)
+        self._last_count = c1
+        self._late_pending = True
+        self._late_accepted += t.size
+        return t.size
+
+    def _close_late(self) -> None:
+        """The grace of the last finished group is over (a step past it, or another
+        group about to finish): finish it again if late spikes joined it."""
+        if self._late_pending:
+            self._refinish()
+        self._last_group = None
+
+    def _refinish(self) -> None:
+        """Finish the last finished group again with its late spikes: the current
+        group's buffer lends its rows for the run, and the ring gets back the rows that
+        group's first finish overwrote, so the run sees what the first one saw."""
+        g, c, lc = self._last_group, self._count, self._last_count
+        n, s = self.n, (self._slot - self.n) % self.L
+        cur = (self._k[:c].copy(), self._v[:c].copy(), self._count_feat[0].copy())
+        self._k[:lc], self._v[:lc] = self._last_k[:lc], self._last_v[:lc]
+        self._bias[0, 1 : max(c, lc) + 1] = -np.inf
+        self._bias[0, 1 : lc + 1] = 0.0
+        self._count_feat[0, : self.dim] = self._last_feat
+        self._count = lc
+        ev = self._evicted
+        self._cache_k[:, :, s : s + n], self._cache_v[:, :, s : s + n] = ev["k"], ev["v"]
+        self._dec_k[:, s : s + n], self._dec_v[:, s : s + n] = ev["dk"], ev["dv"]
+        self._cache_time[s : s + n] = ev["time"]
+        self._dirty.update(("count_feat", "spike_k", "spike_v", "spike_bias"))
+        self._dirty.update(self._persistent)
+        self._set_time(g * self.step_s, 1.0)
+        self._run("causal_finish")
+        self._slot = s
+        self._write_cache(g, self._new, keep_evicted=False)
+        # the current group back as it was
+        self._k[:c], self._v[:c], self._count_feat[0] = cur
+        self._bias[0, 1 : max(c, lc) + 1] = -np.inf
+        self._bias[0, 1 : c + 1] = 0.0
+        self._count = c
+        self._dirty.update(("count_feat", "spike_k", "spike_v", "spike_bias"))
+        self._late_pending = False
 
     def _push_window(self, t: np.ndarray, u: np.ndarray, tab: UnitTables) -> int:
         if self._w_end + t.size > self._wt.size:
@@ -538,9 +627,15 @@ class StreamingEngine(OfflineDecoding):
             runner.run(None, self._dirty, shapes)
         self._dirty.clear()
 
-    def _write_cache(self, g: int, new: dict[str, np.ndarray]) -> None:
-        """Cache rows of finished group g (the last n rows of ``new``) into the ring."""
+    def _write_cache(self, g: int, new: dict[str, np.ndarray], keep_evicted: bool = True) -> None:
+        """Cache rows of finished group g (the last n rows of ``new``) into the ring;
+        ``keep_evicted``: keep the rows they replace (for a later ``_refinish``)."""
         s, n = self._slot, self.n
+        if keep_evicted and self.late_grace > 0:
+            ev = self._evicted
+            ev["k"][:], ev["v"][:] = self._cache_k[:, :, s : s + n], self._cache_v[:, :, s : s + n]
+            ev["dk"][:], ev["dv"][:] = self._dec_k[:, s : s + n], self._dec_v[:, s : s + n]
+            ev["time"][:] = self._cache_time[s : s + n]
         self._cache_k[:, :, s : s + n] = new["new_k"][:, -n:].reshape(self.depth, self.Hs, n, -1)
         self._cache_v[:, :, s : s + n] = new["new_v"][:, -n:].reshape(self.depth, self.Hs, n, -1)
         self._dec_k[:, s : s + n] = new["new_dk"][:, -n:]
@@ -558,9 +653,16 @@ class StreamingEngine(OfflineDecoding):
 
     def _finish(self, g: int) -> None:
         """Run group g at its end time and cache its per-layer keys and values."""
+        if self.late_grace > 0:
+            self._close_late()  # the group before: its rows are read by this finish
         self._set_time(g * self.step_s, 1.0)
         self._run("causal_finish")
         self._write_cache(g, self._new)
+        if self.late_grace > 0:  # open to late spikes until a step passes the grace
+            c = self._count
+            self._last_k[:c], self._last_v[:c] = self._k[:c], self._v[:c]
+            self._last_feat[:] = self._count_feat[0, : self.dim]
+            self._last_group, self._last_count = g, c
         self._clear_group()
 
     def _advance_to(self, g: int, tab: UnitTables) -> None:
@@ -610,6 +712,8 @@ class StreamingEngine(OfflineDecoding):
             raise ValueError(f"step time {t} is before the current group; steps must move forward")
         elif g > self._group:
             self._advance_to(g, tab)
+        if self._last_group is not None and t > self._last_group * s + self.late_grace:
+            self._close_late()
         self._set_time(t, (t - (g - 1) * s) / s)
         self._run("causal_step")
         self._last_step = t
@@ -649,6 +753,7 @@ class StreamingEngine(OfflineDecoding):
             steps=self._steps,
             groups_finished=self._groups_finished,
             spikes=self._spikes,
+            late_accepted=self._late_accepted,
             rejected=dict(self._rejected),
             p50_ms=float(pct[0]),
             p99_ms=float(pct[1]),
