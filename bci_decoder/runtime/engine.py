@@ -489,7 +489,6 @@ class StreamingEngine(OfflineDecoding):
         if t[0] <= start:  # their group has been finished (a step moved past it)
             i = int(np.searchsorted(t, start, side="right"))
             late_accepted = self._append_late(t[:i], u[:i], tab)
-            self._rejected["late"] += i - late_accepted
             t, u = t[i:], u[i:]
             if t.size == 0:
                 return late_accepted
@@ -522,12 +521,15 @@ class StreamingEngine(OfflineDecoding):
 
     def _append_late(self, t: np.ndarray, u: np.ndarray, tab: UnitTables) -> int:
         """Late spikes (time order, all before the current group): those of the group
-        just finished join it while the grace lasts (module doc); returns how many."""
+        just finished join it while the grace lasts (module doc), the rest count as
+        ``late``; returns how many joined."""
         g, s = self._last_group, self.step_s
         if g is None or g != self._group - 1 or self._last_step > g * s + self.late_grace:
+            self._rejected["late"] += t.size
             return 0
-        t = t[int(np.searchsorted(t, (g - 1) * s, side="right")) :]  # older groups: late
-        u = u[u.size - t.size :]
+        i = int(np.searchsorted(t, (g - 1) * s, side="right"))  # older groups: late
+        self._rejected["late"] += i
+        t, u = t[i:], u[i:]
         c0 = self._last_count
         t, u = self._clip(t, u, self.capacity - c0)
         if t.size == 0:
