@@ -23,7 +23,8 @@ benchmarks/results/offline_throughput_1h.json): one worker 56.0 s, two workers 3
 one worker with ONNX Runtime's two intra-op threads 46.5 s (the group-per-run graph
 this replaced: 104 s with one worker). Spike phases in float32 (``cos_sin_float32``)
 took a further 10% off (5 min decoded 10 times interleaved, one worker, on a busier day:
-67.9 -> 61.1 s per hour, medians). ``decode`` defaults to one worker, which is what
+67.9 -> 61.1 s per hour, medians); on a quiet hour after it, 1 h in 47.1 s (one worker)
+and 24.0 s (two). ``decode`` defaults to one worker, which is what
 a caller sharing the machine wants; ``evaluate`` asks for two where there are two cores.
 """
 
