@@ -505,19 +505,28 @@ class StreamingEngine(OfflineDecoding):
             accepted += self._append(t[a:b], u[a:b], tab)
         return accepted
 
+    def _fill(
+        self, k: np.ndarray, v: np.ndarray, c0: int, t: np.ndarray, u: np.ndarray, tab
+    ) -> np.ndarray:
+        """Rotated keys/values of the spikes that fit (the rest count as overflow) into
+        the group buffers k, v (capacity, H, Dh) from row c0; returns their units."""
+        t, u = self._clip(t, u, self.capacity - c0)
+        if t.size:
+            self._keys_values(k[c0 : c0 + t.size], v[c0 : c0 + t.size], t, u, tab)
+        return u
+
     def _append(self, t: np.ndarray, u: np.ndarray, tab: UnitTables) -> int:
         """Spikes of the current group: rotated keys/values into the group buffer."""
         c0 = self._count
-        t, u = self._clip(t, u, self.capacity - c0)
-        if t.size == 0:
+        u = self._fill(self._k, self._v, c0, t, u, tab)
+        if u.size == 0:
             return 0
-        c1 = c0 + t.size
-        self._keys_values(self._k[c0:c1], self._v[c0:c1], t, u, tab)
+        c1 = c0 + u.size
         self._count_feat[0, : self.dim] += tab.emb[u].sum(0)
         self._bias[0, c0 + 1 : c1 + 1] = 0.0
         self._count = c1
         self._dirty.update(("count_feat", "spike_k", "spike_v", "spike_bias"))
-        return t.size
+        return u.size
 
     def _append_late(self, t: np.ndarray, u: np.ndarray, tab: UnitTables) -> int:
         """Late spikes (time order, all before the current group): those of the group
@@ -529,18 +538,14 @@ class StreamingEngine(OfflineDecoding):
             return 0
         i = int(np.searchsorted(t, (g - 1) * s, side="right"))  # older groups: late
         self._rejected["late"] += i
-        t, u = t[i:], u[i:]
-        c0 = self._last_count
-        t, u = self._clip(t, u, self.capacity - c0)
-        if t.size == 0:
+        u = self._fill(self._last_k, self._last_v, self._last_count, t[i:], u[i:], tab)
+        if u.size == 0:
             return 0
-        c1 = c0 + t.size
-        self._keys_values(self._last_k[c0:c1], self._last_v[c0:c1], t, u, tab)
         self._last_feat += tab.emb[u].sum(0)
-        self._last_count = c1
+        self._last_count += u.size
         self._late_pending = True
-        self._late_accepted += t.size
-        return t.size
+        self._late_accepted += u.size
+        return u.size
 
     def _close_late(self) -> None:
         """The grace of the last finished group is over (a step past it, or another

@@ -18,13 +18,12 @@ the second half's state equals the one-pass state and its outputs equal one pass
 float rounding). ONNX Runtime releases the GIL while it runs, which is most of the time.
 ``tests/test_engine.py`` holds both splits equal to one pass.
 
-Measured on the quiet 2-core VM (shipped size, 1 h of 200 units at 20 Hz, 10 ms hop;
-benchmarks/results/offline_throughput_1h.json): one worker 56.0 s, two workers 31.5 s,
-one worker with ONNX Runtime's two intra-op threads 46.5 s (the group-per-run graph
-this replaced: 104 s with one worker). Spike phases in float32 (``cos_sin_float32``)
-took a further 10% off (5 min decoded 10 times interleaved, one worker, on a busier day:
-67.9 -> 61.1 s per hour, medians); on a quiet hour after it, 1 h in 47.1 s (one worker)
-and 24.0 s (two). ``decode`` defaults to one worker, which is what
+Measured on the 2-core VM (shipped size, 1 h of 200 units at 20 Hz, 10 ms hop;
+benchmarks/results/offline_throughput_1h.json, a quiet hour): one worker 47.1 s, two
+workers 24.0 s; on busier hours 56-64 s and 31 s. The group-per-run graph the chunk
+graph replaced took 104 s with one worker; float32 spike phases (``cos_sin_float32``)
+took 10% off (5 min decoded 10 times interleaved, one worker: 67.9 -> 61.1 s per hour,
+medians). ``decode`` defaults to one worker, which is what
 a caller sharing the machine wants; ``evaluate`` asks for two where there are two cores.
 """
 
