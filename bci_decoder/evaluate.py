@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from bci_decoder.decode import decode_session
 from bci_decoder.metrics import r2_score
 from bci_decoder.train.checkpoint import Decoder
 
-COLUMNS = ("poyo_causal", "poyo_window", "wiener", "kalman", "gru")
+# poyo_causal_head: the linear head, where poyo_causal read a session readout
+COLUMNS = ("poyo_causal", "poyo_causal_head", "poyo_window", "wiener", "kalman", "gru")
 # the engine decodes on both cores where there are two (StreamingEngine.decode's split)
 WORKERS = min(2, os.cpu_count() or 1)
 
@@ -40,6 +42,14 @@ def evaluate_session(
     )
     res["poyo_causal"] = r2_score(target, pred)
     res["traces"] = {"t": ts, "target": target, "poyo_causal": pred}
+    # causal mode reads the session's recurrent readout where one was fitted
+    # (model.session_readout); the linear head's R² is reported beside it
+    res["readout"] = (session.session_id, output) in decoder.readouts
+    if res["readout"]:
+        _, _, hpred = decode_session(
+            replace(decoder, readouts={}), session, output, split.test, "causal", workers=WORKERS
+        )
+        res["poyo_causal_head"] = r2_score(target, hpred)
     if "window" in decoder.modes:
         _, _, wpred = decode_session(
             decoder, session, output, split.test, "window", workers=WORKERS
@@ -127,7 +137,7 @@ def evaluate(
     log(table)
     report = {
         "sessions": {
-            sid: {c: r.get(c) for c in COLUMNS} | {"output": r["output"]}
+            sid: {c: r.get(c) for c in COLUMNS} | {"output": r["output"], "readout": r["readout"]}
             for sid, r in results.items()
         }
     }

@@ -524,14 +524,17 @@ def test_choose_providers_prefers_cuda(monkeypatch):
 
 def test_real_session_parity(real_data):
     """The shipped model on a real recording: 10,000 steps at 1 ms and at 10 ms, causal
-    mode, and window mode on a 1 ms stretch, equal the offline torch model."""
+    mode, and window mode on a 1 ms stretch, equal the offline torch model (its linear
+    head: the session's recurrent readout is held to offline decoding below)."""
     from bci_decoder.data.nwb import read_nwb
     from bci_decoder.train.checkpoint import Decoder
 
     dec = Decoder.load("models/poyo-mp-small")
     session = read_nwb(real_data / "chewie_20131003_co.nwb")
     sid, out = session.session_id, "hand_vel"
-    tables = UnitTables.from_decoder(dec, sid, out, list(session.unit_ids))
+    with_readout = UnitTables.from_decoder(dec, sid, out, list(session.unit_ids))
+    assert with_readout.readout is not None  # the shipped model has one for this session
+    tables = dataclasses.replace(with_readout, readout=None)
     times, units, sidx = session_tokens(dec, session)
     for hop in (0.001, 0.01):
         queries = 20.0 + hop * np.arange(10_000) + 0.0004
@@ -549,6 +552,20 @@ def test_real_session_parity(real_data):
         got = (np.array(got) - eng.norm.mean) / eng.norm.std
         assert eng.stats().rejected["overflow"] == 0
         assert_close(got, ref)
+    # with the session's readout: streaming == offline decoding (chunk graph + scan)
+    queries = 20.0 + 0.01 * np.arange(3_000) + 0.0004
+    start = stream_start(queries[0], 3.0, dec.config.latent_step)
+    eng = StreamingEngine(dec, sid, out, backend="onnx")
+    eng.set_units(with_readout)
+    ref = eng.decode(times, session.spike_units, queries, start=start, normalised=True)
+    eng.reset(start=start)
+    j, got = int(np.searchsorted(times, queries[0] - 3.0 - 0.1)), []
+    for t in queries:
+        k = np.searchsorted(times, t, side="right")
+        eng.push(times[j:k], session.spike_units[j:k])
+        j = k
+        got.append(eng.step(t))
+    assert_close((np.array(got) - eng.norm.mean) / eng.norm.std, ref)
     queries = 40.0 + 0.001 * np.arange(1_000) + 0.0004
     ref = decode_window(dec, times, units, sidx, out, queries)
     eng = StreamingEngine(dec, sid, out, mode="window", backend="onnx")

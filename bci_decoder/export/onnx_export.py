@@ -2,7 +2,7 @@
 
 Four graphs (``bci_decoder.model.step``), float32, opset 17:
   causal_step.onnx    the partial group at t and the readout (run every step)
-  causal_finish.onnx  a finished group's per-layer cache rows (run once per group)
+  causal_finish.onnx  a finished group's cache rows and its end-time readout (once a group)
   causal_chunk.onnx   both for every query and finish of G groups at once (offline)
   window_step.onnx    window mode: latents recomputed from cached spike keys
 The per-unit tables (encoder keys/values, embeddings, the <null> token, the output
@@ -172,7 +172,7 @@ def step_modules(decoder: Decoder) -> dict[str, tuple[torch.nn.Module, list[str]
     """name -> (module, input names, output names) of the step graphs."""
     model = decoder.model.eval()
     out = {}
-    for name, readout, emit in [("causal_step", True, False), ("causal_finish", False, True)]:
+    for name, readout, emit in [("causal_step", True, False), ("causal_finish", True, True)]:
         m = CausalKVStep(model, readout=readout, emit=emit).eval()
         out[name] = (m, m.input_names, m.output_names)
     chunk = CausalChunk(model).eval()

@@ -62,7 +62,7 @@ def torch_runner(decoder, name: str) -> TorchStepRunner:
     model = decoder.model.eval()
     make = {
         "causal_step": lambda: CausalKVStep(model, readout=True, emit=False),
-        "causal_finish": lambda: CausalKVStep(model, readout=False, emit=True),
+        "causal_finish": lambda: CausalKVStep(model, readout=True, emit=True),
         "causal_chunk": lambda: CausalChunk(model),
         "window_step": lambda: WindowKVStep(model),
     }

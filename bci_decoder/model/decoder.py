@@ -21,6 +21,7 @@ from bci_decoder.model.normalizer import Normalizer
 from bci_decoder.model.package import FORMAT_VERSION as PACKAGE_FORMAT
 from bci_decoder.model.package import ModelPackage, file_sha256, graph_hash
 from bci_decoder.model.poyo import POYO, POYOConfig
+from bci_decoder.model.session_readout import SessionReadout, key_prefix, readouts_in
 from bci_decoder.model.vocab import UnitVocab, Vocab
 
 FORMAT_VERSION = 1
@@ -38,6 +39,9 @@ class Decoder:
     norms: dict[str, dict[str, Normalizer]]  # session -> output -> normaliser
     modes: list[str] = field(default_factory=lambda: ["causal"])
     info: dict = field(default_factory=dict)
+    # (session, output) -> its recurrent readout (``model.session_readout``), if fitted;
+    # saved with the package tables (``layout.TABLES``), read back from there
+    readouts: dict[tuple[str, str], SessionReadout] = field(default_factory=dict)
 
     @property
     def config(self) -> POYOConfig:
@@ -100,12 +104,32 @@ class Decoder:
         norms = {
             s: {o: Normalizer.from_json(n) for o, n in d.items()} for s, d in meta["norms"].items()
         }
-        return cls(model, units, sessions, norms, meta.get("modes", ["causal"]), meta["info"])
+        readouts = {}
+        if (directory / layout.TABLES).exists():  # the package save wrote: their one home
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(directory / layout.TABLES), "numpy") as f:
+                    readouts = readouts_in(
+                        {k: f.get_tensor(k) for k in f.keys() if k.startswith("readout/")}
+                    )
+            except Exception as e:  # safetensors' own errors, or a malformed readout
+                raise ValueError(f"the readouts in {directory / layout.TABLES}: {e}") from None
+        modes = meta.get("modes", ["causal"])
+        return cls(model, units, sessions, norms, modes, meta["info"], readouts)
 
     def clone(self) -> Decoder:
         import copy
 
         return copy.deepcopy(self)
+
+
+def readout_arrays(readouts: dict[tuple[str, str], SessionReadout]) -> dict[str, np.ndarray]:
+    """Readouts as flat arrays (``readout/SESSION/OUTPUT/NAME``), for a tables file."""
+    out = {}
+    for (session_id, output), r in sorted(readouts.items()):
+        out |= r.to_arrays(key_prefix(session_id, output))
+    return out
 
 
 def package_of(
@@ -154,6 +178,7 @@ def package_of(
         "norm_mean": norm_mean,
         "norm_std": norm_std,
         "norm_known": known,
+        **readout_arrays(decoder.readouts),
     }
     periods = m.periods.numpy()
     spec = {

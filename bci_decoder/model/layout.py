@@ -6,7 +6,8 @@ import it).
         meta.json                    config, vocabularies, normalisation, info (training)
         model.safetensors            the torch weights (training, calibration fits)
         package.json                 everything the engine needs (``model.package``)
-        tables.safetensors           unit/session tables, projections, normalisation
+        tables.safetensors           unit/session tables, projections, normalisation,
+                                     the sessions' recurrent readouts (when fitted)
         causal_step.onnx ...         the step graphs (``bci-decoder export``)
         calibrations/CAL/            a calibration: the same files but the graphs, which
                                      it shares with its base model (one whose second

@@ -13,7 +13,8 @@ they hold everything the streaming engine needs:
   embeddings, the encoder's key/value projection and the decoder's query projection
   (layer norm and matrix each, so unit tables of any embedding are computed here, in
   numpy: a calibration or a zero-shot start changes tables, never graphs), and each
-  session's normalisation.
+  session's normalisation; and each session readout (``model.session_readout``) under
+  ``readout/SESSION/OUTPUT/``.
 
 Staleness is checked at load: a package whose ``weights_sha256`` is not the weights
 file's, or whose graphs carry another ``graph_hash`` (ONNX metadata), is refused with
@@ -31,9 +32,15 @@ import numpy as np
 
 from bci_decoder.model import layout
 from bci_decoder.model.normalizer import Normalizer
+from bci_decoder.model.session_readout import SessionReadout, readouts_in
 from bci_decoder.model.vocab import UnitVocab, Vocab
 
-FORMAT_VERSION = 1
+# 2: the step graphs' ``prediction`` holds the heads' features after the heads (P + D)
+# and the finish graph outputs it too (the session readouts read them)
+FORMAT_VERSION = 2
+# folded into ``graph_hash``: graphs of an older layout are refused even where their
+# weights are the package's (a calibration's package next to its base model's graphs)
+GRAPH_LAYOUT = "prediction+features/finish-readout"
 TABLE_NAMES = (
     "unit_emb",  # (Nu, D) every unit of the vocabulary, row 0 <null>
     "session_emb",  # (S, D)
@@ -64,7 +71,7 @@ def file_sha256(path: Path) -> str:
 
 def graph_hash(weights: dict[str, np.ndarray]) -> str:
     """Hash of the weights the step graphs hold (all but the embedding tables)."""
-    h = hashlib.sha256()
+    h = hashlib.sha256(GRAPH_LAYOUT.encode())
     for name in sorted(weights):
         if name in ("unit_emb.weight", "session_emb.weight", "output_emb.weight"):
             continue
@@ -95,9 +102,11 @@ class ModelPackage:
     units: UnitVocab = field(init=False)
     sessions: Vocab = field(init=False)
     norms: dict[str, dict[str, Normalizer]] = field(init=False)
+    readouts: dict[tuple[str, str], SessionReadout] = field(init=False)
 
     def __post_init__(self) -> None:
         s = self.spec
+        self.readouts = readouts_in(self.arrays)
         self.units = UnitVocab(s["units"])
         self.sessions = Vocab(s["sessions"])
         known = self.arrays["norm_known"]
@@ -159,6 +168,10 @@ class ModelPackage:
     @property
     def graph_hash(self) -> str:
         return self.spec["graph_hash"]
+
+    def readout(self, session_id: str, output: str) -> SessionReadout | None:
+        """The session's recurrent readout of ``output``, if one was fitted."""
+        return self.readouts.get((session_id, output))
 
     def output_index(self, name: str) -> int:
         if name not in self.spec["outputs"]:
@@ -254,7 +267,8 @@ class ModelPackage:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: np.ascontiguousarray(self.arrays[k]) for k in TABLE_NAMES},
+        names = [*TABLE_NAMES, *(k for k in self.arrays if k.startswith("readout/"))]
+        save_file({k: np.ascontiguousarray(self.arrays[k]) for k in names},
                   str(folder / layout.TABLES))  # fmt: skip
         (folder / layout.PACKAGE).write_text(json.dumps(self.spec, indent=1))
         return folder
@@ -296,7 +310,10 @@ class ModelPackage:
         missing = [k for k in TABLE_NAMES if k not in arrays]
         if missing:
             raise PackageError(f"{tables} lacks {missing}: run {hint}")
-        return cls(spec, arrays, Path(graphs_dir or folder), folder)
+        try:
+            return cls(spec, arrays, Path(graphs_dir or folder), folder)
+        except ValueError as e:  # a malformed session readout
+            raise PackageError(f"{tables}: {e}; run {hint}") from None
 
 
 def _grow(table: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:

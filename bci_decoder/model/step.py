@@ -169,12 +169,14 @@ class _Folded(nn.Module):
         return (phase @ self.basis).reshape(-1, d, d)  # -1: the exported graph keeps B dynamic
 
     def readout(self, y: torch.Tensor) -> torch.Tensor:
-        """y (B, D) after the decoder attention -> predictions (B, sum of head dims)."""
+        """y (B, D) after the decoder attention -> (B, P + D): the predictions of every
+        head (P = sum of head dims), then the normalised features the heads read (what
+        a session's recurrent readout, ``model.session_readout``, reads instead)."""
         y = y + self.dec_ffn(y)
         y = F.layer_norm(
             y, self.dec_norm_w.shape, self.dec_norm_w, self.dec_norm_b, self.dec_norm_eps
         )
-        return y @ self.head_w + self.head_b
+        return torch.cat([y @ self.head_w + self.head_b, y], -1)
 
 
 def decoder_query(model: POYO, query: torch.Tensor) -> torch.Tensor:
@@ -225,7 +227,8 @@ class CausalKVStep(nn.Module):
     only to their own query's rows. Streaming runs B = 1, the smallest graph; offline
     decoding runs ``CausalChunk``, the same function for many groups at once.
 
-    ``readout``: output ``prediction`` (B, sum of head dims). ``emit``: output the rows'
+    ``readout``: output ``prediction`` (B, P + D: every head, then the features the heads
+    read; ``_Folded.readout``). ``emit``: output the rows'
     cache entries ``new_k``, ``new_v`` (depth·Hs, B·n, Dh), ``new_dk``, ``new_dv``
     (Hc, B·n, Dh); run at a group's end time (elapsed 1, all its spikes) the last n rows
     are the finished group's cache rows.
@@ -324,7 +327,7 @@ WINDOW_INPUTS = [
 
 class WindowKVStep(nn.Module):
     """Window mode for one stream: latents recomputed each step from cached spike keys.
-    Inputs ``WINDOW_INPUTS``; output ``prediction`` (sum of head dims,)."""
+    Inputs ``WINDOW_INPUTS``; output ``prediction`` (P + D,): the heads, then their features."""
 
     input_names = WINDOW_INPUTS
     output_names = ["prediction"]

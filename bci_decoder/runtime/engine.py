@@ -21,8 +21,15 @@ rows replaced, so every later step sees what it would have had the spikes come i
 steps within the grace saw the group as it was. Later than the grace, or for an older
 group, a spike is counted ``late`` and dropped, as before.
 
+Session readout (causal mode, where the tables carry one: ``model.session_readout``): the
+finish run also reads out the group at its end time, and a GRU state advances on those
+features once per finished group (a re-finish after late spikes redoes that step from
+the state before it); each step's output is the readout's head on one more GRU cell over
+the step's own features instead of the linear head. New tables with another readout
+restart the state from zero at the swap.
+
 Window mode, per step: the window's cached spike keys, latents recomputed (reference
-accuracy, the published POYO).
+accuracy, the published POYO); it reads the linear heads only.
 
 Offline, ``decode`` (``runtime/offline.py``) runs a whole recording through the same
 engine state and graphs, a group at a time.
@@ -266,7 +273,12 @@ class StreamingEngine(OfflineDecoding):
             self._dec_k = np.zeros((Hc, L, Dh), f32)
             self._dec_v = np.zeros((Hc, L, Dh), f32)
             self._cache_time = np.full(L, -np.inf)  # float64 group times; -inf: empty row
-            self._pred = np.zeros((1, self.P), f32)
+            self._pred = np.zeros((1, self.P + D), f32)  # [heads | their features]
+            self._fin_pred = np.zeros((1, self.P + D), f32)  # the same at a group's end
+            # the session readout's state: after the finished groups, and before the
+            # last one (a late-spike re-finish recomputes from there)
+            self._h = self._h_before_last = np.zeros(0, f32)
+            self._h_owner = None  # the readout the state belongs to
             # the last finished group, kept for late spikes (late_grace_s): its spikes,
             # their embedding sum, and the ring rows its finish overwrote
             self._last_k = np.zeros((cap, Hc, Dh), f32)
@@ -300,7 +312,9 @@ class StreamingEngine(OfflineDecoding):
                 persistent |= {"spike_k": self._k, "spike_v": self._v, "spike_bias": self._bias}
             self._persistent = persistent
             self._runners["causal_step"].bind(persistent, {"prediction": self._pred})
-            self._runners["causal_finish"].bind(persistent, self._new)
+            self._runners["causal_finish"].bind(
+                persistent, self._new | {"prediction": self._fin_pred}
+            )
             # the group's spikes: prefixes of fixed buffers, bound by row count
             for r in self._runners.values():
                 r.bind_prefix("spike_k", self._k)
@@ -332,7 +346,7 @@ class StreamingEngine(OfflineDecoding):
             lt = np.repeat(s * self._kk, n)  # latent times relative to t - W
             self._self_dt = np.abs(lt[:, None] - lt[None, :]).astype(f32)
             self._dec_dt = np.abs(self.context - lt).astype(f32)  # t - latent time
-            self._wpred = np.zeros(self.P, f32)
+            self._wpred = np.zeros(self.P + D, f32)  # [heads | their features]
             persistent = {
                 "group_sum": self._group_sum,
                 "lat_phase": self._lat_phase,
@@ -396,6 +410,7 @@ class StreamingEngine(OfflineDecoding):
             self._last_group: int | None = None  # open to late spikes (late_grace_s)
             self._last_count = 0
             self._late_pending = False  # late spikes joined it: finish it again
+            self._reset_readout(self._tables)
         else:
             self._w_end = 0
             self._wcs[0] = 0.0
@@ -576,6 +591,9 @@ class StreamingEngine(OfflineDecoding):
         self._run("causal_finish")
         self._slot = s
         self._write_cache(g, self._new, keep_evicted=False)
+        if self._h.size:  # the readout's step at this group again, from the state before
+            self._h = self._h_before_last
+            self._advance_readout()
         # the current group back as it was
         self._k[:c], self._v[:c], self._count_feat[0] = cur
         self._bias[0, 1 : max(c, lc) + 1] = -np.inf
@@ -665,12 +683,30 @@ class StreamingEngine(OfflineDecoding):
         self._set_time(g * self.step_s, 1.0)
         self._run("causal_finish")
         self._write_cache(g, self._new)
+        self._advance_readout()
         if self.late_grace > 0:  # open to late spikes until a step passes the grace
             c = self._count
             self._last_k[:c], self._last_v[:c] = self._k[:c], self._v[:c]
             self._last_feat[:] = self._count_feat[0, : self.dim]
             self._last_group, self._last_count = g, c
         self._clear_group()
+
+    def _reset_readout(self, tab: UnitTables) -> None:
+        """The session readout's state back to its start (no group seen)."""
+        r = tab.readout
+        self._h = r.zero_state() if r is not None else np.zeros(0, np.float32)
+        self._h_before_last = self._h
+        self._h_owner = r
+
+    def _advance_readout(self) -> None:
+        """A group just finished: the session readout steps on its end-time features."""
+        r = self._bound_tables.readout if self._bound_tables is not None else None
+        if r is None:
+            return
+        if r is not self._h_owner:
+            self._reset_readout(self._bound_tables)
+        self._h_before_last = self._h
+        self._h = r.cell(self._h, r.inputs(self._fin_pred[0, self.P :]))
 
     def _advance_to(self, g: int, tab: UnitTables) -> None:
         """Make ``g`` the current group, finishing every group before it (with the
@@ -724,7 +760,14 @@ class StreamingEngine(OfflineDecoding):
         self._set_time(t, (t - (g - 1) * s) / s)
         self._run("causal_step")
         self._last_step = t
-        return self._pred[0]
+        r = tab.readout
+        if r is None:
+            return self._pred[0]
+        if r is not self._h_owner:  # tables with another readout were swapped in
+            self._reset_readout(tab)
+        out = np.zeros(self.P, np.float32)
+        out[tab.out_slice] = r.outputs_at(self._h, self._pred[0, self.P :])
+        return out
 
     def _step_window(self, t: float) -> np.ndarray:
         W, s, K = self.context, self.step_s, self.K

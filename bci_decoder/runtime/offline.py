@@ -81,9 +81,52 @@ class OfflineDecoding:
                 # last query) count once
                 both = np.searchsorted(times, [q[mid] - self.context, q[mid - 1]], "right")
                 self._spikes -= max(0, int(both[1] - both[0]))
-        elif not self._decode_split(times, units, q, out, start, workers):
-            self._decode_causal(times, units, q, out)
+        elif tab.readout is None:
+            if not self._decode_split(times, units, q, out, start, workers):
+                self._decode_causal(times, units, q, out)
+        else:  # the session readout over the features, the groups in order
+            r = tab.readout
+            qfeat, first, gfeat = self._features(times, units, q, out, start, workers)
+            states = r.scan(gfeat)  # (G+1, H): after 0, 1, ... G groups
+            z = r.outputs_at(states[grid_index(q, self.step_s) - first], qfeat)  # (Q, O)
+            out[:] = tab.norm.inverse(z)
+            # the end state, as streaming would have it
+            self._h, self._h_before_last, self._h_owner = states[-1], states[-2], r
         return tab.norm.forward(out) if normalised else out
+
+    def decode_features(
+        self,
+        spike_times: np.ndarray,
+        spike_units: np.ndarray,
+        query_times: np.ndarray,
+        *,
+        start: float | None = None,
+        workers: int = 1,
+    ) -> tuple[np.ndarray, int, np.ndarray]:
+        """Causal mode: the features the heads read (``model.step``) at each sorted
+        query (Q, D), the index of the first group decoded, and the end-time features
+        of every group from it to the last query's (G, D): a session readout's inputs
+        (``train/session_readout_fit.py``). The engine is reset first, as by ``decode``."""
+        if self.mode != "causal":
+            raise ValueError("features for a session readout come from causal mode")
+        q = np.asarray(query_times, dtype=np.float64).reshape(-1)
+        if q.size == 0 or np.any(np.diff(q) < 0):
+            raise ValueError("query times must be sorted, and at least one")
+        self.reset(start)
+        out = np.zeros((q.size, self._tables.out_slice.stop - self._tables.out_slice.start))
+        times = np.asarray(spike_times, dtype=np.float64)
+        return self._features(times, np.asarray(spike_units), q, out.astype(np.float32),
+                              start, workers)  # fmt: skip
+
+    def _features(self, times, units, q, out, start, workers):
+        qfeat = np.zeros((q.size, self.dim), np.float32)
+        gfeat: dict[int, np.ndarray] = {}
+        if not self._decode_split(times, units, q, out, start, workers, qfeat, gfeat):
+            self._decode_causal(times, units, q, out, qfeat=qfeat, gfeat=gfeat)
+        first, last = min(gfeat), max(gfeat)
+        if len(gfeat) != last - first + 1:
+            raise RuntimeError("offline decoding lost a group's end-time features")
+        return qfeat, first, np.stack([gfeat[g] for g in range(first, last + 1)])
 
     def _decode_window(self, times, units, q, out) -> None:
         """``decode`` in window mode: push each query's new spikes, step."""
@@ -157,7 +200,7 @@ class OfflineDecoding:
         """Groups before a later start after which its state equals one pass's."""
         return (self.depth + 1) * max(self.W - 1, 1) + 1
 
-    def _decode_split(self, times, units, q, out, start, workers) -> bool:
+    def _decode_split(self, times, units, q, out, start, workers, qfeat=None, gfeat=None) -> bool:
         """``decode`` in causal mode on two threads (module docstring); False (nothing
         done) when one worker is asked for or the recording is too short to gain."""
         if workers < 2 or not self._can_split():
@@ -175,18 +218,32 @@ class OfflineDecoding:
         if i_mid == 0 or i_mid == q.size:
             return False
         twin = self._twin_engine()
+        # with a session readout the twin finishes every group before g_mid (whose
+        # end-time features it reads): one more query at the end of group g_mid - 1
+        q1, out1, qf1 = q[:i_mid], out[:i_mid], None if qfeat is None else qfeat[:i_mid]
+        extra = gfeat is not None and int(g_q[i_mid - 1]) < g_mid - 1
+        if extra:
+            q1 = np.append(q1, (g_mid - 1) * s)
+            out1 = np.zeros((q1.size, out.shape[1]), out.dtype)
+            qf1 = np.zeros((q1.size, qfeat.shape[1]), qfeat.dtype)
 
         def first_half() -> None:
             twin.reset(start)
-            twin._decode_causal(times, units, q[:i_mid], out[:i_mid])
+            twin._decode_causal(times, units, q1, out1, qfeat=qf1, gfeat=gfeat)
 
         def second_half() -> None:
             # this engine: the second half, from its warm-up on (its end state is the
             # one-pass end state); the warm-up's spikes and groups are the twin's to count
             self.reset((g_mid - warm) * s - 0.5 * s)
-            self._decode_causal(times, units, q[i_mid:], out[i_mid:], count_from=g_mid)
+            qf2 = None if qfeat is None else qfeat[i_mid:]
+            self._decode_causal(
+                times, units, q[i_mid:], out[i_mid:], count_from=g_mid, qfeat=qf2, gfeat=gfeat
+            )
 
         self._two_threads(twin, first_half, second_half)
+        if extra:
+            out[:i_mid], qfeat[:i_mid] = out1[:i_mid], qf1[:i_mid]
+            twin._steps -= 1  # the extra query is not one of the caller's
         return True
 
     # spike rows per chunk run (~40 groups at 200 units): large enough that the graph's
@@ -203,12 +260,17 @@ class OfflineDecoding:
         q: np.ndarray,
         out: np.ndarray,
         count_from: int | None = None,
+        qfeat: np.ndarray | None = None,
+        gfeat: dict[int, np.ndarray] | None = None,
     ) -> None:
         """``decode`` in causal mode: G groups per run of the chunk graph
         (``model.step.CausalChunk``), each with its queries and its finish; the finished
         rows of the last Wb groups carry over to the next run and, at the end, into the
         ring, so streaming can go on from there. ``count_from``: the first group whose
-        spikes and finish the counters count (a warm-up's are not)."""
+        spikes and finish the counters count (a warm-up's are not). ``qfeat`` (Q, D):
+        filled with each query's features; ``gfeat``: filled with each counted group's
+        end-time features (its finish block's), by group index (a session readout's
+        inputs)."""
         tab = self._tables
         s, n, D, f32 = self.step_s, self.n, self.dim, np.float32
         Wb, depth = self.L // n, self.depth  # L = max(W-1, 1)·n
@@ -296,6 +358,11 @@ class OfflineDecoding:
             out[q_edges[c0] : q_edges[c1]] = (
                 pred[qg, qb][:, tab.out_slice] * tab.norm.std + tab.norm.mean
             )
+            if qfeat is not None:
+                qfeat[q_edges[c0] : q_edges[c1]] = pred[qg, qb][:, self.P :]
+            if gfeat is not None:
+                for j in np.flatnonzero(counted if count_from is not None else np.ones(G, bool)):
+                    gfeat[int(g[j])] = pred[j, 0, self.P :]
             self._steps += qg.size
             self._groups_finished += (
                 G if count_from is None else int(np.count_nonzero(g >= count_from))

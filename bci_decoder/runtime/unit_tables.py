@@ -17,6 +17,7 @@ import numpy as np
 
 from bci_decoder.model.normalizer import Normalizer
 from bci_decoder.model.package import ModelPackage
+from bci_decoder.model.session_readout import SessionReadout
 
 _VERSIONS = itertools.count(1)
 
@@ -44,6 +45,9 @@ class UnitTables:
     norm: Normalizer  # the output's normalisation (predictions are z-scores)
     out_slice: slice  # the output's columns in the concatenated heads
     version: int  # unique per build: stats() reports which tables are in use
+    # the session's recurrent readout of the output (causal mode reads it instead of the
+    # linear head), if one was fitted
+    readout: SessionReadout | None = None
 
     @property
     def num_units(self) -> int:
@@ -94,6 +98,7 @@ class UnitTables:
             norm=norms[output],
             out_slice=pkg.output_columns[output],
             version=next(_VERSIONS),
+            readout=pkg.readout(session_id, output),
         )
 
     @classmethod

@@ -1,0 +1,150 @@
+"""A session's recurrent readout: a GRU over the decoder's features, in numpy.
+
+The linear heads read the decoder's normalised features y(t) (D) at one time. A session
+readout reads their history too, POSSM's recurrent backbone in its smallest form: a GRU
+advances once per latent group, at the group's end time g·step, on the features there
+(the finish run's readout: the group with all its spikes), and the output at any time t
+is a linear head on one more GRU cell applied to y(t) from the state of the groups that
+ended before t:
+
+    h_g  = cell(h_{g-1}, x(g·step))           at each finished group, h = 0 at the start
+    z(t) = head(cell(h_{g(t)-1}, x(t)))        g(t): the group that owns t
+    x    = (y - in_mean) / in_std              the features, z-scored on the fit's data
+
+so it is a function of the spikes up to t, as the heads are, and does not depend on the
+cadence the engine is stepped at. z is in the output's normalised units (the session's
+``Normalizer`` turns it into behaviour). Fitted per session on the training part, its
+step chosen on the validation tail (``train/session_readout_fit.py``); served by the
+streaming engine in causal mode (``runtime/engine.py``) and by offline decoding, the
+same arithmetic in both (float32, this module).
+
+Why: on the seven real sessions a GRU over the frozen ``poyo-mp-small`` features
+(1 layer of 128, each session's training part) raised the mean causal test R² from
+0.773 to 0.810 (scratch measurement, issue 8's note), where a session's own linear
+readout of the same features gave 0.788 and a GRU on the 4 head outputs 0.840 vs 0.824
+on three sessions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ARRAYS = ("w_ih", "w_hh", "b_ih", "b_hh", "head_w", "head_b", "in_mean", "in_std")
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow warning for large |x|
+
+
+@dataclass(frozen=True, eq=False)
+class SessionReadout:
+    """Weights as torch's ``nn.GRU`` (gates r, z, n stacked) and ``nn.Linear`` hold them.
+
+    w_ih (3H, D), w_hh (3H, H), b_ih (3H,), b_hh (3H,), head_w (O, H), head_b (O,),
+    in_mean / in_std (D,): the features' z-scoring."""
+
+    w_ih: np.ndarray
+    w_hh: np.ndarray
+    b_ih: np.ndarray
+    b_hh: np.ndarray
+    head_w: np.ndarray
+    head_b: np.ndarray
+    in_mean: np.ndarray
+    in_std: np.ndarray
+
+    def __post_init__(self) -> None:
+        for name in ARRAYS:
+            a = np.ascontiguousarray(getattr(self, name), dtype=np.float32)
+            a.flags.writeable = False
+            object.__setattr__(self, name, a)
+        H, D = self.hidden, self.in_mean.size
+        shapes = {
+            "w_ih": (3 * H, D), "w_hh": (3 * H, H), "b_ih": (3 * H,), "b_hh": (3 * H,),
+            "head_w": (self.head_b.size, H), "in_std": (D,),
+        }  # fmt: skip
+        for name, shape in shapes.items():
+            if getattr(self, name).shape != shape:
+                raise ValueError(
+                    f"session readout: {name} has shape {getattr(self, name).shape}, "
+                    f"expected {shape}"
+                )
+        if not all(np.isfinite(getattr(self, n)).all() for n in ARRAYS):
+            raise ValueError("session readout: its weights hold non-finite values")
+
+    @property
+    def hidden(self) -> int:
+        return self.w_hh.shape[1]
+
+    @property
+    def features(self) -> int:
+        return self.in_mean.size
+
+    @property
+    def outputs(self) -> int:
+        return self.head_b.size
+
+    def zero_state(self, batch: tuple[int, ...] = ()) -> np.ndarray:
+        return np.zeros((*batch, self.hidden), np.float32)
+
+    def inputs(self, y: np.ndarray) -> np.ndarray:
+        """Features y (..., D) -> the cell's inputs W_ih·x + b_ih (..., 3H), x z-scored.
+        Computed for many times at once where they are known in advance."""
+        x = (np.asarray(y, np.float32) - self.in_mean) / self.in_std
+        return x @ self.w_ih.T + self.b_ih
+
+    def cell(self, h: np.ndarray, gi: np.ndarray) -> np.ndarray:
+        """One GRU step: state h (..., H), input part gi (..., 3H) from ``inputs``."""
+        H = self.hidden
+        gh = h @ self.w_hh.T + self.b_hh
+        r = _sigmoid(gi[..., :H] + gh[..., :H])
+        z = _sigmoid(gi[..., H : 2 * H] + gh[..., H : 2 * H])
+        n = np.tanh(gi[..., 2 * H :] + r * gh[..., 2 * H :])
+        return ((1.0 - z) * n + z * h).astype(np.float32)
+
+    def head(self, h: np.ndarray) -> np.ndarray:
+        """State(s) (..., H) -> normalised outputs (..., O)."""
+        return h @ self.head_w.T + self.head_b
+
+    def scan(self, y: np.ndarray, h0: np.ndarray | None = None) -> np.ndarray:
+        """States (T+1, H) after each of T group-end features y (T, D), from h0 (zeros):
+        row 0 is h0, row i the state after the first i groups."""
+        gi = self.inputs(y)
+        out = np.empty((len(gi) + 1, self.hidden), np.float32)
+        out[0] = self.zero_state() if h0 is None else h0
+        for i in range(len(gi)):
+            out[i + 1] = self.cell(out[i], gi[i])
+        return out
+
+    def outputs_at(self, states: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Normalised outputs (Q, O) at queries with features y (Q, D), each from the
+        state (Q, H) of the groups that ended before it."""
+        return self.head(self.cell(states, self.inputs(y)))
+
+    def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        return {prefix + name: getattr(self, name) for name in ARRAYS}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str = "") -> SessionReadout:
+        missing = [prefix + n for n in ARRAYS if prefix + n not in arrays]
+        if missing:
+            raise ValueError(f"session readout: missing arrays {missing}")
+        return cls(**{n: arrays[prefix + n] for n in ARRAYS})
+
+
+def key_prefix(session_id: str, output: str) -> str:
+    """Where a readout's arrays live in a tables file (``readout/SESSION/OUTPUT/``)."""
+    return f"readout/{session_id}/{output}/"
+
+
+def readouts_in(arrays: dict[str, np.ndarray]) -> dict[tuple[str, str], SessionReadout]:
+    """Every readout stored in ``arrays`` under ``key_prefix``, by (session, output)."""
+    found = {}
+    for key in arrays:
+        if key.startswith("readout/") and key.endswith("/w_ih"):
+            session_id, output = key[len("readout/") : -len("/w_ih")].rsplit("/", 1)
+            found[(session_id, output)] = SessionReadout.from_arrays(
+                arrays, key_prefix(session_id, output)
+            )
+    return found

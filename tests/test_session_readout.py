@@ -1,0 +1,225 @@
+"""Session readouts (a GRU over the decoder's features, ``model.session_readout``):
+the numpy cell equals torch's GRU, streaming equals offline decoding (both split and
+one-pass, late spikes re-finished), the package carries them, and the fit learns what a
+linear head cannot.
+
+Tolerance as in test_engine: max |error| <= 1e-4 of the output's standard deviation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from bci_decoder.config import TrainConfig
+from bci_decoder.export.onnx_export import export_package
+from bci_decoder.model.decoder import Decoder
+from bci_decoder.model.normalizer import Normalizer
+from bci_decoder.model.package import ModelPackage, PackageError
+from bci_decoder.model.session_readout import SessionReadout
+from bci_decoder.runtime.engine import StreamingEngine, UnitTables
+from bci_decoder.train.loop import build_decoder, gather_sessions
+from bci_decoder.train.session_readout_fit import ReadoutSettings, _Readout, fit_readout
+
+CFG = TrainConfig(
+    model={
+        "dim": 32,
+        "depth": 2,
+        "dim_head": 16,
+        "cross_heads": 2,
+        "self_heads": 2,
+        "latents_per_group": 4,
+        "latent_step": 0.05,
+        "context": 0.5,
+    },
+    data={"simulate": {"seed": 5, "num_sessions": 1, "duration_s": 30, "num_units": 40}},
+)
+TOL = 1e-4
+
+
+def random_readout(rng: np.random.Generator, D: int, H: int, n_out: int) -> SessionReadout:
+    def w(*shape: int, scale: float = 0.3) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    return SessionReadout(
+        w(3 * H, D), w(3 * H, H), w(3 * H), w(3 * H), w(n_out, H, scale=1.0), w(n_out),
+        w(D), (1.0 + rng.random(D)).astype(np.float32),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    sessions = gather_sessions(CFG)
+    dec, _ = build_decoder(CFG, sessions)
+    with torch.no_grad():  # non-trivial weights on every path
+        for p in dec.model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    session = sessions[0]
+    readout = random_readout(np.random.default_rng(1), dec.config.dim, 24, 2)
+    dec.readouts[(session.session_id, "hand_vel")] = readout
+    folder = export_package(dec, tmp_path_factory.mktemp("onnx"), capacity=512)
+    yield dec, session, str(folder), readout
+    torch.set_num_threads(threads)
+
+
+def engine(setup, **kw) -> StreamingEngine:
+    dec, session, folder, _ = setup
+    kw = {"onnx_path": folder, "max_spikes_per_group": 512} | kw
+    return StreamingEngine(dec, session.session_id, "hand_vel", **kw)
+
+
+def run(
+    eng: StreamingEngine, session, queries: np.ndarray, upto: np.ndarray, after: float = -1.0
+) -> np.ndarray:
+    """Step at each query after pushing the spikes up to ``upto`` of it (those after
+    ``after``: where an earlier run stopped); z-scores."""
+    t_sp, u_sp = session.spike_times, session.spike_units
+    out, j = [], int(np.searchsorted(t_sp, after, side="right"))
+    for t, up in zip(queries, upto, strict=True):
+        k = np.searchsorted(t_sp, up, side="right")
+        eng.push(t_sp[j:k], u_sp[j:k])
+        j = k
+        out.append(eng.step(t))
+    return (np.array(out) - eng.norm.mean) / eng.norm.std
+
+
+def assert_close(got: np.ndarray, ref: np.ndarray) -> None:
+    assert ref.std() > 0.1  # a non-trivial output
+    err = np.abs(got - ref).max()
+    assert err <= TOL * ref.std(), f"max error {err:.3g} = {err / ref.std():.3g} of the std"
+
+
+def test_numpy_cell_equals_torch_gru():
+    """``SessionReadout`` (numpy) computes torch's nn.GRU equations, as the fit trains."""
+    torch.manual_seed(0)
+    m = _Readout(12, 16, 3)
+    r = m.export(np.zeros(12, np.float32), np.ones(12, np.float32))
+    x = torch.randn(1, 50, 12)
+    with torch.no_grad():
+        states = m.states(x)[0]  # (51, 16)
+        q = torch.randn(50, 12)
+        out = m.head(m.cell(states[:-1], q)).numpy()
+    np_states = r.scan(x[0].numpy())
+    assert np.abs(np_states - states.numpy()).max() < 1e-5
+    assert np.abs(r.outputs_at(np_states[:-1], q.numpy()) - out).max() < 1e-5
+
+
+def test_streaming_equals_offline_with_a_readout(setup):
+    """Step by step (the finish graph's end-time features drive the GRU, one cell per
+    step on the step's features) == ``decode`` in one pass and split over two workers
+    (the chunk graph's finish blocks, then one scan); and the readout does change the
+    output (it is not the linear head)."""
+    dec, session, _, _ = setup
+    queries = 0.5 + 0.01 * np.arange(2_000) + 0.0003
+    t, u = session.spike_times, session.spike_units
+    live = run(engine(setup), session, queries, queries)
+    one = engine(setup).decode(t, u, queries, normalised=True)
+    two_engine = engine(setup)
+    two_engine.MIN_SPLIT_GROUPS = 0  # the 30 s session is shorter than a split is worth
+    two = two_engine.decode(t, u, queries, normalised=True, workers=2)
+    # both start with the group of the first spike (the first push holds it)
+    assert_close(live, one)
+    assert_close(two, one)
+    plain = dataclasses.replace(
+        UnitTables.from_decoder(dec, session.session_id, "hand_vel"), readout=None
+    )
+    lin = engine(setup)
+    lin.set_units(plain)
+    head = run(lin, session, queries, queries)
+    assert np.abs(head - live).max() > 0.1  # the readout is what decodes
+
+
+def test_late_spikes_refinish_the_readout_too(setup):
+    """Spikes 4 ms late at a 1 ms hop with a grace: after the grace every step equals an
+    engine whose groups got every spike in time, the GRU's step at the re-finished
+    group included."""
+    _, session, _, _ = setup
+    hop, delay, grace, s = 0.001, 0.004, 0.01, 0.05
+    queries = 0.5 + hop * np.arange(1500) + 0.0003
+    prev_end = (np.ceil(queries / s) - 1) * s
+    late = engine(setup, late_grace_s=grace)
+    got = run(late, session, queries, queries - delay)
+    assert late.stats().late_accepted > 30
+    ref = run(engine(setup), session, queries, np.maximum(queries - delay, prev_end))
+    settled = queries > prev_end + grace
+    assert_close(got[settled], ref[settled])
+
+
+def test_swapping_tables_restarts_the_readout(setup):
+    """New tables with another readout: its state starts from zero at the swap, so the
+    steps after equal an engine that had those tables from the swap's group on."""
+    dec, session, _, _ = setup
+    queries = 0.5 + 0.01 * np.arange(600) + 0.0003
+    other = random_readout(np.random.default_rng(7), dec.config.dim, 24, 2)
+    tables = UnitTables.from_decoder(dec, session.session_id, "hand_vel")
+    swapped = dataclasses.replace(tables, readout=other, version=tables.version + 1000)
+    eng = engine(setup)
+    a = run(eng, session, queries[:300], queries[:300])
+    eng.set_units(swapped)
+    b = run(eng, session, queries[300:], queries[300:], after=queries[299])
+    assert np.isfinite(a).all() and np.isfinite(b).all()
+    # by hand: the other readout from a zero state at the swap, on this engine's features
+    feats = engine(setup)
+    feats.set_units(swapped)
+    qf, first, gf = feats.decode_features(session.spike_times, session.spike_units, queries)
+    # the swap's step finishes the group of the step before it: from that group on,
+    # finished groups feed the new state
+    g0 = int(np.ceil(queries[299] / 0.05))
+    g_q = np.ceil(queries[300:] / 0.05).astype(int)
+    states = other.scan(gf[g0 - first : g_q.max() - first])
+    want = other.outputs_at(states[g_q - g0], qf[300:])
+    assert_close(b, want)
+
+
+def test_package_carries_readouts(setup, tmp_path):
+    """Decoder.save -> the package's tables hold the readout; both loaders read it back
+    bit for bit; a malformed readout is a clear package error."""
+    dec, session, _, readout = setup
+    folder = dec.save(tmp_path / "m")
+    pkg = ModelPackage.load(folder)
+    got = pkg.readout(session.session_id, "hand_vel")
+    assert got is not None and np.array_equal(got.w_hh, readout.w_hh)
+    assert pkg.readout(session.session_id, "force") is None
+    back = Decoder.load(folder)
+    assert np.array_equal(back.readouts[(session.session_id, "hand_vel")].head_w, readout.head_w)
+    tables = UnitTables.build(pkg, session.session_id, "hand_vel")
+    assert tables.readout is not None
+    # a readout whose arrays do not fit each other
+    from safetensors.numpy import load_file, save_file
+
+    arrays = load_file(str(folder / "tables.safetensors"))
+    key = f"readout/{session.session_id}/hand_vel/w_hh"
+    arrays[key] = arrays[key][:, :5]
+    save_file(arrays, str(folder / "tables.safetensors"))
+    with pytest.raises(PackageError, match="session readout: w_ih has shape"):
+        ModelPackage.load(folder)
+
+
+def test_fit_learns_what_the_linear_head_cannot():
+    """Targets that integrate the features over time (a velocity's position, say): the
+    fitted GRU beats the linear head on the validation tail and is kept."""
+    rng = np.random.default_rng(0)
+    G, D, step = 4000, 8, 0.05
+    gf = rng.standard_normal((G, D)).astype(np.float32)
+    # queries at every group end: the query's features are its group's end features
+    times = step * np.arange(1, G + 1)
+    drive = gf[:, :2]
+    y = np.zeros((G, 2))
+    for i in range(1, G):  # a leaky integral of the features
+        y[i] = 0.9 * y[i - 1] + drive[i]
+    feats = {"times": times, "target": y, "qfeat": gf, "first": 1, "gfeat": gf}
+    norm = Normalizer(y[:2800].mean(0), y[:2800].std(0))
+    w = np.linalg.lstsq(gf[:2800], norm.forward(y[:2800]), rcond=None)[0]
+    st = ReadoutSettings(hidden=16, max_epochs=12, patience=4, window=40, burn_in=10)
+    readout, report = fit_readout(
+        feats, norm, lambda f: f @ w, step, times[2800], (times[2800], times[3200]), st,
+        progress=False,
+    )  # fmt: skip
+    assert report["kept"] and report["valid_r2_readout"] > report["valid_r2_head"] + 0.2, report
+    assert readout.hidden == 16 and readout.outputs == 2
