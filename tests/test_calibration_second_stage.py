@@ -32,9 +32,10 @@ MODEL = "poyo-mp-small"
 SHORT = {"steps": 10, "eval_every": 5}
 
 
-def _submit(srv: LiveServer, name: str, min_gain: float) -> str:
+def _submit(srv: LiveServer, name: str, min_gain: float, readout_gain: float) -> str:
     """A job on the buffer's last 12 s (fits on 9.6 s, a 2.4 s slice), as ``POST
-    /calibrations`` starts one, with the second stage's bar at ``min_gain``; its id."""
+    /calibrations`` starts one, with the second stage's bar at ``min_gain`` and the
+    session readout's at ``readout_gain``; its id."""
     block, output, hint = srv.daemon.calibration_block(12.0, None)
     block.session_id = name
     out_dir = layout.calibration_dir(srv.daemon.model_dir, name)
@@ -43,7 +44,7 @@ def _submit(srv: LiveServer, name: str, min_gain: float) -> str:
         session=block, output=output, base_model=str(srv.daemon.model_dir),
         out_dir=str(out_dir), name=name, steps=20,
         summary=summarize(block) | {"output": output, "hint": hint},
-        second_stage=SHORT | {"min_gain": min_gain},
+        second_stage=SHORT | {"min_gain": min_gain, "readout_min_gain": readout_gain},
     )  # fmt: skip
     return srv.app.state.calibrations.submit(spec, "buffer", auto_apply=False).id
 
@@ -64,7 +65,10 @@ def test_adapt_in_parallel_is_adapt(one_thread, shipped, unseen):  # noqa: F811
     seen: dict[str, tuple[int, int]] = {}
     two, report2 = adapt(shipped, unseen, "hand_vel", span, st, always, parallel=True,
                          steps=lambda fit, i, n, loss: seen.__setitem__(fit, (i, n)))  # fmt: skip
+    for r in (report, report2):  # the readout fit's wall time is the one difference
+        r["readout_report"].pop("seconds")
     assert report2 == report and report["second_stage"] is True
+    assert one.readouts.keys() == two.readouts.keys()
     for a, b in zip(one.model.parameters(), two.model.parameters(), strict=True):
         assert torch.equal(a, b)
     n = report["second_stage_steps"]
@@ -100,8 +104,8 @@ def test_second_stage_kept_or_not_decides_what_apply_swaps(models_dir, state_dir
 
         # both jobs before either apply: decoding units the model does not know yet is
         # cheap, which leaves the idle-priority children the CPU (kept: 40 s, not 180 s)
-        tables = _wait_job(srv, _submit(srv, "cal-tables", min_gain=10.0), timeout=400)
-        tuned = _wait_job(srv, _submit(srv, "cal-tuned", min_gain=-10.0), timeout=400)
+        tables = _wait_job(srv, _submit(srv, "cal-tables", 10.0, 10.0), timeout=400)
+        tuned = _wait_job(srv, _submit(srv, "cal-tuned", -10.0, -10.0), timeout=400)
         print(f"jobs: not kept {tables['wall_s']:.1f} s, kept {tuned['wall_s']:.1f} s (with "
               "the ONNX export)")  # fmt: skip
 
@@ -111,6 +115,7 @@ def test_second_stage_kept_or_not_decides_what_apply_swaps(models_dir, state_dir
         assert job["adapt"] == "auto" and job["stage"] == "units", job
         assert job["slice_r2_units"] is not None and job["slice_r2_second_stage"] is not None
         assert job["heldout_r2"] == job["slice_r2_units"] and "not kept" in job["stage_reason"]
+        assert job["readout"] is False and "session readout not kept" in job["stage_reason"]
         folder = layout.calibration_dir(srv.daemon.model_dir, "cal-tables")
         assert not list(folder.glob("*.onnx"))
         engine = srv.daemon.loop.active.engine
@@ -123,12 +128,16 @@ def test_second_stage_kept_or_not_decides_what_apply_swaps(models_dir, state_dir
         job = tuned
         assert job["state"] == "done", job
         assert job["stage"] == "second-stage" and job["second_stage_steps"] in (5, 10), job
-        assert job["heldout_r2"] == job["slice_r2_second_stage"]
+        # its session readout kept too (a bar of -10): it decodes, so its slice R² is
+        # the stored model's
+        assert job["readout"] is True and job["heldout_r2"] == job["slice_r2_readout"]
+        assert "session readout kept" in job["stage_reason"]
         folder = layout.calibration_dir(srv.daemon.model_dir, "cal-tuned")
         assert all(layout.graph_file(folder, g).exists() for g in layout.GRAPHS)
         assert not list(folder.parent.glob(f"{layout.TMP_PREFIX}*"))  # renamed whole
         pkg, _ = load_package(cfg, MODEL, "cal-tuned")
         assert pkg.graphs_dir == folder and pkg.graph_hash != base_hash
+        assert pkg.readout("cal-tuned", job["output"]) is not None
         r = srv.post(f"/calibrations/{job['id']}/apply")
         assert r.status_code == 200, r.text
         t_apply = lsl_clock()

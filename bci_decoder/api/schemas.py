@@ -111,6 +111,10 @@ class CalibrationPublic(BaseModel):
     slice_r2_units: float | None = None
     slice_r2_second_stage: float | None = None
     second_stage_steps: int | None = None
+    # the session readout (a GRU over the model's features) fitted last: kept or not, and
+    # its slice R² (the stored model's ``heldout_r2`` when kept)
+    readout: bool | None = None
+    slice_r2_readout: float | None = None
     units: int
     spikes: int
     seconds: float

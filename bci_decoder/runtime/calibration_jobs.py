@@ -139,6 +139,8 @@ class Job:
             "slice_r2_units": self.choice.get("slice_r2_units"),
             "slice_r2_second_stage": self.choice.get("slice_r2_second_stage"),
             "second_stage_steps": self.choice.get("second_stage_steps"),
+            "readout": self.choice.get("readout"),
+            "slice_r2_readout": self.choice.get("slice_r2_readout"),
             "units": s["units"],
             "spikes": s["spikes"],
             "seconds": round(s["domain"][1] - s["domain"][0], 3),
@@ -254,13 +256,23 @@ def stage_choice(report: dict, min_gain: float) -> dict:
         reason = (f"second stage {'kept' if kept else 'not kept'}: held-out slice R² "
                   f"{r_second:.3f} against {r_units:.3f} for unit identification alone, "
                   f"{r_second - r_units:+.3f} (kept above {min_gain:+g})")  # fmt: skip
-    return {
+    out = {
         "stage": "second-stage" if kept else "units",
         "stage_reason": reason,
         "slice_r2_units": r_units,
         "slice_r2_second_stage": r_second,
         "second_stage_steps": report.get("second_stage_steps"),
+        "readout": report.get("readout"),
     }
+    rr = report.get("readout_report")
+    if rr:  # the session readout on top of the stage kept (calibrate.adapt's last stage)
+        out["slice_r2_readout"] = rr["valid_r2_readout"]
+        out["stage_reason"] += (
+            f"; session readout {'kept' if rr['kept'] else 'not kept'}: slice R² "
+            f"{rr['valid_r2_readout']:.3f} against {rr['valid_r2_head']:.3f} for the linear "
+            f"head (kept above {rr['min_gain']:+g})"
+        )
+    return out
 
 
 def _adapted(spec: JobSpec, base: Any, s: Session, settings: Any, q: Any) -> None:
@@ -289,6 +301,8 @@ def _adapted(spec: JobSpec, base: Any, s: Session, settings: Any, q: Any) -> Non
     choice = stage_choice(report, stage.min_gain)
     kept = choice["stage"] == "second-stage"
     r2 = choice["slice_r2_second_stage"] if kept else choice["slice_r2_units"]
+    if choice.get("readout"):  # the readout decodes: its slice R² is the stored model's
+        r2 = choice["slice_r2_readout"]
     wiener = None
     if "reason" not in report:
         cut = lo + (1 - stage.holdout) * (hi - lo)

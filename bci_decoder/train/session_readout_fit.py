@@ -45,19 +45,25 @@ class ReadoutSettings(BaseModel):
     patience: int = 6  # epochs without a better validation R² before stopping
     epoch_fraction: float = 0.1  # an epoch: this share of the window starts (>= 512)
     seed: int = 0
-    threads: int = 1
+    threads: int = 1  # torch threads of the fit; 0: as they are
     workers: int = 2  # offline decoding of the features (two cores)
 
 
 def session_features(
-    decoder: Decoder, session: Session, output: str, stop: float, workers: int = 2
+    decoder: Decoder,
+    session: Session,
+    output: str,
+    stop: float,
+    workers: int = 2,
+    start: float | None = None,
 ) -> dict[str, Any]:
-    """The features of ``session`` up to ``stop`` (s), through the streaming engine:
-    behaviour times, targets, each sample's features (Q, D), the first group decoded and
-    every group's end-time features (G, D)."""
+    """The features of ``session`` from ``start`` (its beginning) to ``stop`` (s), through
+    the streaming engine: behaviour times, targets, each sample's features (Q, D), the
+    first group decoded and every group's end-time features (G, D)."""
     from bci_decoder.runtime.engine import StreamingEngine, UnitTables
 
-    beh = session.behavior[output].between(session.domain[0], stop)
+    lo = session.domain[0] if start is None else start
+    beh = session.behavior[output].between(lo, stop)
     if len(beh.timestamps) < 10:
         raise ValueError(f"{session.session_id}: too few behaviour samples before {stop} s")
     engine = StreamingEngine(decoder, session.session_id, output)
@@ -126,7 +132,8 @@ def fit_readout(
     torch.manual_seed(st.seed)
     rng = np.random.default_rng(st.seed)
     threads = torch.get_num_threads()
-    torch.set_num_threads(st.threads)
+    if st.threads > 0:
+        torch.set_num_threads(st.threads)
     try:
         qt, y = feats["times"], feats["target"]
         qf, gf, first = feats["qfeat"], feats["gfeat"], feats["first"]
@@ -233,3 +240,38 @@ def fit_session_readout(
         feats, norm, head, decoder.config.latent_step, split.train[1], split.valid, st, progress
     )
     return readout, {"session": session.session_id, "output": output, **report}
+
+
+def fit_block_readout(
+    decoder: Decoder,
+    session: Session,
+    output: str,
+    cuts: tuple[float, float, float],
+    hidden: tuple[int, ...] = (32, 128),
+    min_gain: float = 0.005,
+    threads: int = 1,
+) -> tuple[SessionReadout | None, dict[str, Any]]:
+    """A calibration block's readout (``calibrate.adapt``'s last stage): features of
+    [lo, hi) from the calibrated model, a GRU of each size in ``hidden`` fitted on
+    [lo, cut) and scored on [cut, hi); the best is returned where it beats the linear head
+    on that slice by ``min_gain``, else None. One core (features decoded on one worker)."""
+    lo, cut, hi = cuts
+    feats = session_features(decoder, session, output, hi, workers=1, start=lo)
+    norm = decoder.norms[session.session_id][output]
+    lin = decoder.model.heads[output]
+
+    def head(f: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return lin(torch.from_numpy(np.asarray(f, np.float32))).numpy()
+
+    best: tuple[SessionReadout | None, dict[str, Any]] = (None, {})
+    for h in hidden:
+        st = ReadoutSettings(hidden=h, threads=threads, workers=1)
+        r, rep = fit_readout(
+            feats, norm, head, decoder.config.latent_step, cut, (cut, hi), st, progress=False
+        )
+        if best[0] is None or rep["valid_r2_readout"] > best[1]["valid_r2_readout"]:
+            best = (r, rep)
+    r, rep = best
+    kept = rep["valid_r2_readout"] > rep["valid_r2_head"] + min_gain
+    return (r if kept else None), rep | {"kept": kept, "min_gain": min_gain}
