@@ -35,7 +35,12 @@ ARRAYS = ("w_ih", "w_hh", "b_ih", "b_hh", "head_w", "head_b", "in_mean", "in_std
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow warning for large |x|
+    """In place (x is a temporary); tanh: no overflow warning for large |x|."""
+    x *= 0.5
+    np.tanh(x, out=x)
+    x += 1.0
+    x *= 0.5
+    return x
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,6 +77,17 @@ class SessionReadout:
                 )
         if not all(np.isfinite(getattr(self, n)).all() for n in ARRAYS):
             raise ValueError("session readout: its weights hold non-finite values")
+        # what a step multiplies by, laid out once (transposed, contiguous; the inputs'
+        # z-scoring folded into W_ih and b_ih): a cell costs ~10 µs, not ~20
+        wi = self.w_ih / self.in_std  # (3H, D)
+        derived = {
+            "_wi": np.ascontiguousarray(wi.T),  # (D, 3H)
+            "_bi": (self.b_ih - wi @ self.in_mean).astype(np.float32),
+            "_wh": np.ascontiguousarray(self.w_hh.T),  # (H, 3H)
+            "_wo": np.ascontiguousarray(self.head_w.T),  # (H, O)
+        }
+        for name, a in derived.items():
+            object.__setattr__(self, name, a)
 
     @property
     def hidden(self) -> int:
@@ -91,21 +107,27 @@ class SessionReadout:
     def inputs(self, y: np.ndarray) -> np.ndarray:
         """Features y (..., D) -> the cell's inputs W_ih·x + b_ih (..., 3H), x z-scored.
         Computed for many times at once where they are known in advance."""
-        x = (np.asarray(y, np.float32) - self.in_mean) / self.in_std
-        return x @ self.w_ih.T + self.b_ih
+        gi = np.asarray(y, np.float32) @ self._wi
+        gi += self._bi
+        return gi
 
     def cell(self, h: np.ndarray, gi: np.ndarray) -> np.ndarray:
         """One GRU step: state h (..., H), input part gi (..., 3H) from ``inputs``."""
         H = self.hidden
-        gh = h @ self.w_hh.T + self.b_hh
-        r = _sigmoid(gi[..., :H] + gh[..., :H])
-        z = _sigmoid(gi[..., H : 2 * H] + gh[..., H : 2 * H])
-        n = np.tanh(gi[..., 2 * H :] + r * gh[..., 2 * H :])
-        return ((1.0 - z) * n + z * h).astype(np.float32)
+        gh = h @ self._wh
+        gh += self.b_hh
+        rz = _sigmoid(gi[..., : 2 * H] + gh[..., : 2 * H])  # reset and update gates
+        n = gh[..., 2 * H :] * rz[..., :H]
+        n += gi[..., 2 * H :]
+        np.tanh(n, out=n)
+        out = h - n  # h' = (1 - z)·n + z·h = n + z·(h - n)
+        out *= rz[..., H:]
+        out += n
+        return out
 
     def head(self, h: np.ndarray) -> np.ndarray:
         """State(s) (..., H) -> normalised outputs (..., O)."""
-        return h @ self.head_w.T + self.head_b
+        return h @ self._wo + self.head_b
 
     def scan(self, y: np.ndarray, h0: np.ndarray | None = None) -> np.ndarray:
         """States (T+1, H) after each of T group-end features y (T, D), from h0 (zeros):
