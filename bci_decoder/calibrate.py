@@ -310,16 +310,22 @@ class SecondStage:
     refit_lr: float = 1.0 / 3.0
     refit_warmup: float = 0.1
     # The last stage: a session readout (model.session_readout, a GRU over the calibrated
-    # model's features) of each size, fitted on the first 80% and kept where the best
-    # beats the linear head on the slice by readout_min_gain. Held-out sessions of
-    # poyo-mp-transfer, 60 s, unit identification alone vs + readout (32 / 128 units, R²
-    # on the last 30%): jango_20160711 0.731 -> 0.853 / 0.820, chewie_20131003 0.534 ->
-    # 0.556 / 0.561, mihi 0.714 -> 0.729 / 0.743; on spike_20120904 and spike_20121017
-    # the slice kept neither (test 0.731 -> 0.758 / 0.749, 0.739 -> 0.740 / 0.737).
-    # 5-13 s of one core each.
+    # model's features) of each size in readout_hidden, fitted on the first 80% and kept
+    # where the best beats the linear head on the slice by readout_min_gain. Held-out
+    # sessions of poyo-mp-transfer, 60 s, unit identification alone vs + readout (32 /
+    # 128 units, R² on the last 30%): jango_20160711 0.731 -> 0.853 / 0.820,
+    # chewie_20131003 0.534 -> 0.556 / 0.561, mihi 0.714 -> 0.729 / 0.743; on
+    # spike_20120904 and spike_20121017 the slice kept neither. Fitting both sizes, the
+    # slice chose 128 on 7 of the 10 held-out sessions and cost 3-30 s of one core. One
+    # size, at most readout_epochs epochs of 256 windows (fit_block_readout): a 60 s
+    # calibration of jango_20160711 48.7 CPU s (R² 0.882; 35.5 s and 0.843 without the
+    # readout, 67.4 s and 0.900 at 512 windows an epoch), mihi 57.0 s (0.755; 48.9 s and
+    # 0.707 without), spike_20120904 47.8 s at 512 (0.770, not kept; 35.6 s without):
+    # benchmarks/results/calibration_cost_readout.txt.
     readout: bool = True
-    readout_hidden: tuple[int, ...] = (32, 128)
+    readout_hidden: tuple[int, ...] = (128,)
     readout_min_gain: float = 0.005
+    readout_epochs: int = 25
 
 
 def fine_tune(
@@ -473,7 +479,7 @@ def adapt(
         say("session readout, fitted on the first 80% and scored on the last 20%")
         readout, rep = fit_block_readout(
             dec, session, output, (span[0], cut, span[1]), stage.readout_hidden,
-            stage.readout_min_gain, st.threads,
+            stage.readout_min_gain, st.threads, stage.readout_epochs,
         )  # fmt: skip
         report["readout"] = readout is not None
         report["readout_report"] = rep

@@ -18,6 +18,8 @@ A setting (``--configs``) is ``default`` or comma-separated ``key=value`` pairs,
                    default is 40 since d862de5, and the stored "default" rows, measured
                    at e02442b, are refit_steps=0)
     ss_steps       SecondStage.steps (second-stage steps scored on the slice, 80)
+    readout        SecondStage.readout (1: the session readout stage, the default since
+                   session readouts; the "default" rows measured before it have none)
 
 e.g. ``spike_budget=8000,refit_steps=40``. The fit-to-fit noise is the default at seed 1
 against seed 0 (``seed=1``); the accuracy rule applied to the table: no session worse
@@ -69,7 +71,7 @@ SESSIONS = [
     "spike_20121017_wf",
 ]
 CAL_KEYS = {"spike_budget", "batch_size", "steps", "seed"}
-STAGE_KEYS = {"refit_steps": "refit_steps", "ss_steps": "steps"}
+STAGE_KEYS = {"refit_steps": "refit_steps", "ss_steps": "steps", "readout": "readout"}
 RESULTS = ROOT / "benchmarks" / "results"
 
 

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from bci_decoder.config import TrainConfig
 from bci_decoder.export.onnx_export import export_package
 from bci_decoder.model.decoder import Decoder
 from bci_decoder.model.normalizer import Normalizer
@@ -23,21 +22,7 @@ from bci_decoder.model.session_readout import SessionReadout
 from bci_decoder.runtime.engine import StreamingEngine, UnitTables
 from bci_decoder.train.loop import build_decoder, gather_sessions
 from bci_decoder.train.session_readout_fit import ReadoutSettings, _Readout, fit_readout
-
-CFG = TrainConfig(
-    model={
-        "dim": 32,
-        "depth": 2,
-        "dim_head": 16,
-        "cross_heads": 2,
-        "self_heads": 2,
-        "latents_per_group": 4,
-        "latent_step": 0.05,
-        "context": 0.5,
-    },
-    data={"simulate": {"seed": 5, "num_sessions": 1, "duration_s": 30, "num_units": 40}},
-)
-TOL = 1e-4
+from tests.test_engine import CFG, assert_close  # the small model, the 1e-4-of-std check
 
 
 def random_readout(rng: np.random.Generator, D: int, H: int, n_out: int) -> SessionReadout:
@@ -87,12 +72,6 @@ def run(
         j = k
         out.append(eng.step(t))
     return (np.array(out) - eng.norm.mean) / eng.norm.std
-
-
-def assert_close(got: np.ndarray, ref: np.ndarray) -> None:
-    assert ref.std() > 0.1  # a non-trivial output
-    err = np.abs(got - ref).max()
-    assert err <= TOL * ref.std(), f"max error {err:.3g} = {err / ref.std():.3g} of the std"
 
 
 def test_numpy_cell_equals_torch_gru():

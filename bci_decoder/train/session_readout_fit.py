@@ -43,7 +43,8 @@ class ReadoutSettings(BaseModel):
     batch: int = 64  # windows per step
     max_epochs: int = 40
     patience: int = 6  # epochs without a better validation R² before stopping
-    epoch_fraction: float = 0.1  # an epoch: this share of the window starts (>= 512)
+    epoch_fraction: float = 0.1  # an epoch: this share of the window starts,
+    min_windows: int = 512  # and at least this many
     seed: int = 0
     threads: int = 1  # torch threads of the fit; 0: as they are
     workers: int = 2  # offline decoding of the features (two cores)
@@ -164,7 +165,7 @@ def fit_readout(
 
         base = r2_score(y[vmask], norm.inverse(head(qf[vmask])))
         best = (-np.inf, None, -1)
-        per_epoch = min(len(starts), max(512, int(len(starts) * st.epoch_fraction)))
+        per_epoch = min(len(starts), max(st.min_windows, int(len(starts) * st.epoch_fraction)))
         bar = tqdm(range(st.max_epochs), desc="readout", disable=not progress, leave=False)
         epochs = 0
         for epoch in bar:
@@ -247,9 +248,11 @@ def fit_block_readout(
     session: Session,
     output: str,
     cuts: tuple[float, float, float],
-    hidden: tuple[int, ...] = (32, 128),
+    hidden: tuple[int, ...] = (128,),
     min_gain: float = 0.005,
     threads: int = 1,
+    max_epochs: int = 25,
+    min_windows: int = 256,
 ) -> tuple[SessionReadout | None, dict[str, Any]]:
     """A calibration block's readout (``calibrate.adapt``'s last stage): features of
     [lo, hi) from the calibrated model, a GRU of each size in ``hidden`` fitted on
@@ -266,7 +269,8 @@ def fit_block_readout(
 
     best: tuple[SessionReadout | None, dict[str, Any]] = (None, {})
     for h in hidden:
-        st = ReadoutSettings(hidden=h, threads=threads, workers=1)
+        st = ReadoutSettings(hidden=h, threads=threads, workers=1, max_epochs=max_epochs,
+                             patience=min(6, max_epochs), min_windows=min_windows)  # fmt: skip
         r, rep = fit_readout(
             feats, norm, head, decoder.config.latent_step, cut, (cut, hi), st, progress=False
         )
