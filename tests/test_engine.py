@@ -57,14 +57,20 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def small_decoder():
+    """The small model of CFG, with non-trivial weights on every path, and its sessions."""
     torch.manual_seed(0)
     sessions = gather_sessions(CFG)
     dec, _ = build_decoder(CFG, sessions)
-    with torch.no_grad():  # non-trivial weights on every path
+    with torch.no_grad():
         for p in dec.model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
+    return dec, sessions
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    dec, sessions = small_decoder()
     onnx_path = export_package(
         dec, tmp_path_factory.mktemp("onnx"), capacity=512, window_capacity=2048
     )

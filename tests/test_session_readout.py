@@ -20,9 +20,8 @@ from bci_decoder.model.normalizer import Normalizer
 from bci_decoder.model.package import ModelPackage, PackageError
 from bci_decoder.model.session_readout import SessionReadout
 from bci_decoder.runtime.engine import StreamingEngine, UnitTables
-from bci_decoder.train.loop import build_decoder, gather_sessions
 from bci_decoder.train.session_readout_fit import ReadoutSettings, _Readout, fit_readout
-from tests.test_engine import CFG, assert_close  # the small model, the 1e-4-of-std check
+from tests.test_engine import assert_close, small_decoder  # the 1e-4-of-std check
 
 
 def random_readout(rng: np.random.Generator, D: int, H: int, n_out: int) -> SessionReadout:
@@ -39,12 +38,7 @@ def random_readout(rng: np.random.Generator, D: int, H: int, n_out: int) -> Sess
 def setup(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    sessions = gather_sessions(CFG)
-    dec, _ = build_decoder(CFG, sessions)
-    with torch.no_grad():  # non-trivial weights on every path
-        for p in dec.model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    dec, sessions = small_decoder()
     session = sessions[0]
     readout = random_readout(np.random.default_rng(1), dec.config.dim, 24, 2)
     dec.readouts[(session.session_id, "hand_vel")] = readout
