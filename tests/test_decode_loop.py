@@ -81,7 +81,10 @@ def test_live_loop_primes_each_deadline_and_survives_a_failed_priming(fail):
     feeder.join(2)
     st = loop.stats
     assert st.steps > 100 and st.errors == 0 and st.safe_steps == 0, st
-    assert st.primes + st.prime_errors >= st.steps - st.missed - 2  # all but the first
+    # every deadline is primed, or counted where the loop came back too late to (a busy
+    # CPU: 3 of 200 on a loaded CI machine); all but the first and the last
+    primed = st.primes + st.prime_errors + st.prime_skipped
+    assert primed >= st.steps - st.missed - 2 and st.prime_skipped <= st.steps // 4, st
     if fail:
         assert st.prime_errors >= 20 and "injected warm-up failure" in st.last_error, st
     else:

@@ -778,6 +778,7 @@ class Daemon:
             # deadlines whose spikes were pushed and step warmed before them (prime_us)
             "primed_deadlines": ls.primes if ls else 0,
             "prime_errors": ls.prime_errors if ls else 0,
+            "prime_skipped": ls.prime_skipped if ls else 0,
             "errors": ls.errors if ls else 0,
             "non_finite_outputs": ls.non_finite_outputs if ls else 0,
             "last_error": ls.last_error if ls else "",

@@ -76,6 +76,9 @@ class LoopStats:
     errors: int = 0  # steps that raised (safe value sent instead)
     primes: int = 0  # deadlines primed (spikes pushed and the graph run before them)
     prime_errors: int = 0  # primings that raised (the engine is reset; the step goes on)
+    # deadlines not primed: the loop came back from the step before after the priming
+    # time (a slow step, or the CPU busy elsewhere)
+    prime_skipped: int = 0
     safe_steps: int = 0  # steps that sent the safe value (stalled or error)
     spikes_in: int = 0  # spikes handed to the engine
     unknown_unit_spikes: int = 0
@@ -199,6 +202,8 @@ class DecodeLoop(threading.Thread):
             if self.prime and lsl_clock() < deadline - self.prime:
                 self._sleep_until(deadline - self.prime)
                 self._prime(deadline)
+            elif self.prime:
+                self.stats.prime_skipped += 1
             self._sleep_until(deadline)
             now = lsl_clock()
             behind = int((now - deadline) // hop)
