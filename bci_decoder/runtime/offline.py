@@ -16,6 +16,11 @@ the l·(W-1) groups before it (each layer sees W-1 finished groups), and a query
 the last layer's rows of the W-1 groups before its own, so after (depth+1)·(W-1) groups
 the second half's state equals the one-pass state and its outputs equal one pass's (to
 float rounding). ONNX Runtime releases the GIL while it runs, which is most of the time.
+
+A session readout (``model.session_readout``, causal mode): the chunk graph's finish
+blocks give every group's end-time features, the queries' rows their own; after the
+decode (one pass or split: the twin then finishes every group before the split) one scan
+over the groups in order gives the GRU's states and each query's output.
 ``tests/test_engine.py`` holds both splits equal to one pass.
 
 Measured on the 2-core VM (shipped size, 1 h of 200 units at 20 Hz, 10 ms hop;
