@@ -97,6 +97,22 @@ def stream(
     return (np.array(out) - eng.norm.mean) / eng.norm.std
 
 
+def stream_upto(
+    eng: StreamingEngine, session: Session, queries: np.ndarray, upto: np.ndarray,
+    after: float = -1.0,
+) -> np.ndarray:  # fmt: skip
+    """Step at each query after pushing the spikes up to ``upto`` of it (those after
+    ``after``: where an earlier call stopped); z-scored outputs."""
+    t_sp, u_sp = session.spike_times, session.spike_units
+    out, j = [], int(np.searchsorted(t_sp, after, side="right"))
+    for t, up in zip(queries, upto, strict=True):
+        k = np.searchsorted(t_sp, up, side="right")
+        eng.push(t_sp[j:k], u_sp[j:k])
+        j = k
+        out.append(eng.step(t))
+    return (np.array(out) - eng.norm.mean) / eng.norm.std
+
+
 def chunk(queries: np.ndarray) -> int:
     """Groups per offline chunk: about 200 queries, so the reference's (rows x keys)
     attention masks stay small at a 1 ms hop."""
@@ -222,23 +238,15 @@ def test_late_spikes_within_the_grace_refinish_their_group(setup, backend):
     hop, delay, grace, s = 0.001, 0.004, 0.01, 0.05
     queries = 0.5 + hop * np.arange(1500) + 0.0003
     prev_end = (np.ceil(queries / s) - 1) * s  # end of the group before each step's
-    t_sp, u_sp = session.spike_times, session.spike_units
 
     def run(eng: StreamingEngine, upto: np.ndarray) -> np.ndarray:
-        """Step at each query after pushing the spikes up to ``upto`` of it."""
-        out, j = [], 0
-        for t, up in zip(queries, upto, strict=True):
-            k = np.searchsorted(t_sp, up, side="right")
-            eng.push(t_sp[j:k], u_sp[j:k])
-            j = k
-            out.append(eng.step(t))
-        return (np.array(out) - eng.norm.mean) / eng.norm.std
+        return stream_upto(eng, session, queries, upto)
 
     late = engine(setup, backend=backend, late_grace_s=grace)
     got = run(late, queries - delay)
     st = late.stats()
     assert st.rejected["late"] == 0 and st.late_accepted > 30, st
-    assert st.spikes == np.searchsorted(t_sp, queries[-1] - delay, side="right")
+    assert st.spikes == np.searchsorted(session.spike_times, queries[-1] - delay, side="right")
     # the reference: before stepping, each group before the step's is complete
     ref = run(engine(setup, backend=backend), np.maximum(queries - delay, prev_end))
     settled = queries > prev_end + grace

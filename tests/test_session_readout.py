@@ -22,6 +22,7 @@ from bci_decoder.model.session_readout import SessionReadout
 from bci_decoder.runtime.engine import StreamingEngine, UnitTables
 from bci_decoder.train.session_readout_fit import ReadoutSettings, _Readout, fit_readout
 from tests.test_engine import assert_close, small_decoder  # the 1e-4-of-std check
+from tests.test_engine import stream_upto as run
 
 
 def random_readout(rng: np.random.Generator, D: int, H: int, n_out: int) -> SessionReadout:
@@ -51,21 +52,6 @@ def engine(setup, **kw) -> StreamingEngine:
     dec, session, folder, _ = setup
     kw = {"onnx_path": folder, "max_spikes_per_group": 512} | kw
     return StreamingEngine(dec, session.session_id, "hand_vel", **kw)
-
-
-def run(
-    eng: StreamingEngine, session, queries: np.ndarray, upto: np.ndarray, after: float = -1.0
-) -> np.ndarray:
-    """Step at each query after pushing the spikes up to ``upto`` of it (those after
-    ``after``: where an earlier run stopped); z-scores."""
-    t_sp, u_sp = session.spike_times, session.spike_units
-    out, j = [], int(np.searchsorted(t_sp, after, side="right"))
-    for t, up in zip(queries, upto, strict=True):
-        k = np.searchsorted(t_sp, up, side="right")
-        eng.push(t_sp[j:k], u_sp[j:k])
-        j = k
-        out.append(eng.step(t))
-    return (np.array(out) - eng.norm.mean) / eng.norm.std
 
 
 def test_numpy_cell_equals_torch_gru():
@@ -99,6 +85,11 @@ def test_streaming_equals_offline_with_a_readout(setup):
     # both start with the group of the first spike (the first push holds it)
     assert_close(live, one)
     assert_close(two, one)
+    # sparse queries (the split's first half ends groups before the split): its twin
+    # finishes them with one more query, so no group's features are missing
+    sparse = queries[::60]
+    one_s = engine(setup).decode(t, u, sparse, normalised=True)
+    assert_close(two_engine.decode(t, u, sparse, normalised=True, workers=2), one_s)
     plain = dataclasses.replace(
         UnitTables.from_decoder(dec, session.session_id, "hand_vel"), readout=None
     )

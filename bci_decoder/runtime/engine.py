@@ -279,6 +279,7 @@ class StreamingEngine(OfflineDecoding):
             # last one (a late-spike re-finish recomputes from there)
             self._h = self._h_before_last = np.zeros(0, f32)
             self._h_owner = None  # the readout the state belongs to
+            self._readout_out = np.zeros(self.P, f32)  # what a step with a readout returns
             # the last finished group, kept for late spikes (late_grace_s): its spikes,
             # their embedding sum, and the ring rows its finish overwrote
             self._last_k = np.zeros((cap, Hc, Dh), f32)
@@ -765,9 +766,9 @@ class StreamingEngine(OfflineDecoding):
             return self._pred[0]
         if r is not self._h_owner:  # tables with another readout were swapped in
             self._reset_readout(tab)
-        out = np.zeros(self.P, np.float32)
-        out[tab.out_slice] = r.outputs_at(self._h, self._pred[0, self.P :])
-        return out
+        # the heads' columns of _pred, the readout's output in this output's columns
+        self._readout_out[tab.out_slice] = r.outputs_at(self._h, self._pred[0, self.P :])
+        return self._readout_out
 
     def _step_window(self, t: float) -> np.ndarray:
         W, s, K = self.context, self.step_s, self.K

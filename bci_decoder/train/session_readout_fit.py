@@ -79,6 +79,18 @@ def session_features(
     return {"times": q, "target": beh.data, "qfeat": qf, "first": first, "gfeat": gf}
 
 
+def linear_head(decoder: Decoder, output: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The model's own readout of ``output``: features (Q, D) -> normalised (Q, O), the bar
+    a session readout must beat."""
+    lin = decoder.model.heads[output]
+
+    def head(f: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return lin(torch.from_numpy(np.asarray(f, np.float32))).numpy()
+
+    return head
+
+
 class _Readout(torch.nn.Module):
     """The GRU and head in torch, the cell written out as ``SessionReadout.cell``."""
 
@@ -231,15 +243,10 @@ def fit_session_readout(
     split = time_split(session)
     feats = session_features(decoder, session, output, split.valid[1], st.workers)
     norm = decoder.norms[session.session_id][output]
-    lin = decoder.model.heads[output]
-
-    def head(f: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return lin(torch.from_numpy(np.asarray(f, np.float32))).numpy()
-
     readout, report = fit_readout(
-        feats, norm, head, decoder.config.latent_step, split.train[1], split.valid, st, progress
-    )
+        feats, norm, linear_head(decoder, output), decoder.config.latent_step, split.train[1],
+        split.valid, st, progress,
+    )  # fmt: skip
     return readout, {"session": session.session_id, "output": output, **report}
 
 
@@ -261,12 +268,7 @@ def fit_block_readout(
     lo, cut, hi = cuts
     feats = session_features(decoder, session, output, hi, workers=1, start=lo)
     norm = decoder.norms[session.session_id][output]
-    lin = decoder.model.heads[output]
-
-    def head(f: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return lin(torch.from_numpy(np.asarray(f, np.float32))).numpy()
-
+    head = linear_head(decoder, output)
     best: tuple[SessionReadout | None, dict[str, Any]] = (None, {})
     for h in hidden:
         st = ReadoutSettings(hidden=h, threads=threads, workers=1, max_epochs=max_epochs,
