@@ -1,7 +1,8 @@
 """Session readouts (a GRU over the decoder's features, ``model.session_readout``):
 the numpy cell equals torch's GRU, streaming equals offline decoding (both split and
 one-pass, late spikes re-finished), the package carries them, and the fit learns what a
-linear head cannot.
+linear head cannot. Each engine test runs twice: a readout of the features only, and one
+that also reads each unit's spike counts (whose order follows the stream's units).
 
 Tolerance as in test_engine: max |error| <= 1e-4 of the output's standard deviation.
 """
@@ -25,23 +26,29 @@ from tests.test_engine import assert_close, small_decoder  # the 1e-4-of-std che
 from tests.test_engine import stream_upto as run
 
 
-def random_readout(rng: np.random.Generator, D: int, H: int, n_out: int) -> SessionReadout:
+def random_readout(
+    rng: np.random.Generator, D: int, H: int, n_out: int, units: int = 0
+) -> SessionReadout:
+    """Random weights; ``units`` > 0: it reads that many units' spike counts too."""
+
     def w(*shape: int, scale: float = 0.3) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
+    n = D + units
     return SessionReadout(
-        w(3 * H, D), w(3 * H, H), w(3 * H), w(3 * H), w(n_out, H, scale=1.0), w(n_out),
-        w(D), (1.0 + rng.random(D)).astype(np.float32),
+        w(3 * H, n), w(3 * H, H), w(3 * H), w(3 * H), w(n_out, H, scale=1.0), w(n_out),
+        w(n), (1.0 + rng.random(n)).astype(np.float32), units,
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="module", params=["features", "counts"])
+def setup(request, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     dec, sessions = small_decoder()
     session = sessions[0]
-    readout = random_readout(np.random.default_rng(1), dec.config.dim, 24, 2)
+    units = len(session.unit_ids) if request.param == "counts" else 0
+    readout = random_readout(np.random.default_rng(1), dec.config.dim, 24, 2, units)
     dec.readouts[(session.session_id, "hand_vel")] = readout
     folder = export_package(dec, tmp_path_factory.mktemp("onnx"), capacity=512)
     yield dec, session, str(folder), readout
@@ -54,19 +61,41 @@ def engine(setup, **kw) -> StreamingEngine:
     return StreamingEngine(dec, session.session_id, "hand_vel", **kw)
 
 
-def test_numpy_cell_equals_torch_gru():
-    """``SessionReadout`` (numpy) computes torch's nn.GRU equations, as the fit trains."""
+@pytest.mark.parametrize("units", [0, 5])
+def test_numpy_cell_equals_torch_gru(units):
+    """``SessionReadout`` (numpy) computes torch's nn.GRU equations, as the fit trains
+    (on the counts' square roots, which the readout takes itself)."""
     torch.manual_seed(0)
-    m = _Readout(12, 16, 3)
-    r = m.export(np.zeros(12, np.float32), np.ones(12, np.float32))
-    x = torch.randn(1, 50, 12)
+    m = _Readout(12 + units, 16, 3)
+    r = m.export(np.zeros(12 + units, np.float32), np.ones(12 + units, np.float32), units)
+    y, c = torch.randn(50, 12), torch.randint(0, 6, (50, units)).float()
+    qy, qc = torch.randn(50, 12), torch.randint(0, 6, (50, units)).float()
     with torch.no_grad():
-        states = m.states(x)[0]  # (51, 16)
-        q = torch.randn(50, 12)
-        out = m.head(m.cell(states[:-1], q)).numpy()
-    np_states = r.scan(x[0].numpy())
+        states = m.states(torch.cat([y, c.sqrt()], 1)[None])[0]  # (51, 16)
+        out = m.head(m.cell(states[:-1], torch.cat([qy, qc.sqrt()], 1))).numpy()
+    np_states = r.scan(y.numpy(), c.numpy())
     assert np.abs(np_states - states.numpy()).max() < 1e-5
-    assert np.abs(r.outputs_at(np_states[:-1], q.numpy()) - out).max() < 1e-5
+    assert np.abs(r.outputs_at(np_states[:-1], qy.numpy(), qc.numpy()) - out).max() < 1e-5
+    if units:
+        with pytest.raises(ValueError, match="reads spike counts"):
+            r.inputs(y.numpy())
+
+
+def test_a_readout_follows_the_units_order():
+    """``for_units``: counts in another unit order give the same inputs; a unit left out
+    counts as silent (its constant input folded into the bias)."""
+    rng = np.random.default_rng(3)
+    r = random_readout(rng, 6, 8, 2, units=5)
+    y, c = rng.standard_normal((7, 6)), rng.integers(0, 4, (7, 5)).astype(np.float32)
+    order = np.array([4, 2, 0, 1, 3])
+    assert np.allclose(r.for_units(order).inputs(y, c[:, order]), r.inputs(y, c), atol=1e-5)
+    silent = c.copy()
+    silent[:, [1, 3]] = 0
+    sub = r.for_units(np.array([4, 0, 2]))
+    assert sub.units == 3
+    assert np.allclose(sub.inputs(y, c[:, [4, 0, 2]]), r.inputs(y, silent), atol=1e-5)
+    with pytest.raises(ValueError, match="distinct units"):
+        r.for_units(np.array([0, 0]))
 
 
 def test_streaming_equals_offline_with_a_readout(setup):
@@ -118,9 +147,10 @@ def test_late_spikes_refinish_the_readout_too(setup):
 def test_swapping_tables_restarts_the_readout(setup):
     """New tables with another readout: its state starts from zero at the swap, so the
     steps after equal an engine that had those tables from the swap's group on."""
-    dec, session, _, _ = setup
+    dec, session, _, readout = setup
+    D = dec.config.dim
     queries = 0.5 + 0.01 * np.arange(600) + 0.0003
-    other = random_readout(np.random.default_rng(7), dec.config.dim, 24, 2)
+    other = random_readout(np.random.default_rng(7), D, 24, 2, readout.units)
     tables = UnitTables.from_decoder(dec, session.session_id, "hand_vel")
     swapped = dataclasses.replace(tables, readout=other, version=tables.version + 1000)
     eng = engine(setup)
@@ -131,13 +161,16 @@ def test_swapping_tables_restarts_the_readout(setup):
     # by hand: the other readout from a zero state at the swap, on this engine's features
     feats = engine(setup)
     feats.set_units(swapped)
-    qf, first, gf = feats.decode_features(session.spike_times, session.spike_units, queries)
+    qf, first, gf = feats.decode_features(
+        session.spike_times, session.spike_units, queries, counts=other.units
+    )
     # the swap's step finishes the group of the step before it: from that group on,
     # finished groups feed the new state
     g0 = int(np.ceil(queries[299] / 0.05))
     g_q = np.ceil(queries[300:] / 0.05).astype(int)
-    states = other.scan(gf[g0 - first : g_q.max() - first])
-    want = other.outputs_at(states[g_q - g0], qf[300:])
+    gf = gf[g0 - first : g_q.max() - first]
+    states = other.scan(gf[:, :D], gf[:, D:])
+    want = other.outputs_at(states[g_q - g0], qf[300:, :D], qf[300:, D:])
     assert_close(b, want)
 
 
@@ -163,6 +196,25 @@ def test_package_carries_readouts(setup, tmp_path):
     save_file(arrays, str(folder / "tables.safetensors"))
     with pytest.raises(PackageError, match="session readout: w_ih has shape"):
         ModelPackage.load(folder)
+    if readout.units:  # counts of more units than the session has
+        wide = random_readout(np.random.default_rng(2), dec.config.dim, 24, 2, readout.units + 1)
+        arrays |= wide.to_arrays(f"readout/{session.session_id}/hand_vel/")
+        save_file(arrays, str(folder / "tables.safetensors"))
+        with pytest.raises(PackageError, match=f"reads {readout.units + 1} units' spike counts"):
+            ModelPackage.load(folder)
+
+
+def test_the_stream_units_order_does_not_matter(setup):
+    """Tables listing the session's units in reverse, spikes indexed that way: the same
+    outputs (a readout of counts reads each unit's count in its own column)."""
+    dec, session, _, _ = setup
+    queries = 0.5 + 0.01 * np.arange(400) + 0.0003
+    ref = run(engine(setup), session, queries, queries)
+    names = list(UnitTables.from_decoder(dec, session.session_id, "hand_vel").unit_names)
+    eng = engine(setup)
+    eng.set_units(UnitTables.from_decoder(dec, session.session_id, "hand_vel", names[::-1]))
+    flipped = dataclasses.replace(session, spike_units=len(names) - 1 - session.spike_units)
+    assert_close(run(eng, flipped, queries, queries), ref)
 
 
 def test_fit_learns_what_the_linear_head_cannot():

@@ -109,6 +109,12 @@ class ModelPackage:
         self.readouts = readouts_in(self.arrays)
         self.units = UnitVocab(s["units"])
         self.sessions = Vocab(s["sessions"])
+        for (sid, out), r in self.readouts.items():
+            if r.units and r.units != len(self.session_unit_names(sid)):
+                raise ValueError(
+                    f"the session readout of {sid!r}/{out!r} reads {r.units} units' spike "
+                    f"counts, the session has {len(self.session_unit_names(sid))}"
+                )
         known = self.arrays["norm_known"]
         self.norms = {}
         for i, sid in enumerate(self.sessions.names):

@@ -262,6 +262,7 @@ class StreamingEngine(OfflineDecoding):
             cap = self.capacity
             self._k = np.zeros((cap, Hc, Dh), f32)  # the current group's rotated keys
             self._v = np.zeros((cap, Hc, Dh), f32)
+            self._units = np.zeros(cap, np.intp)  # and units (a readout's spike counts)
             self._bias = np.full((1, cap + 1), -np.inf, f32)  # [<null> | spikes] visible
             self._bias[0, 0] = 0.0
             self._count_feat = np.zeros((1, D + 1), f32)  # [unit-embedding sum | elapsed]
@@ -284,6 +285,7 @@ class StreamingEngine(OfflineDecoding):
             # their embedding sum, and the ring rows its finish overwrote
             self._last_k = np.zeros((cap, Hc, Dh), f32)
             self._last_v = np.zeros((cap, Hc, Dh), f32)
+            self._last_units = np.zeros(cap, np.intp)
             self._last_feat = np.zeros(D, f32)
             self._evicted = {
                 "k": np.zeros((self.depth, Hs, n, Dh), f32),
@@ -538,6 +540,7 @@ class StreamingEngine(OfflineDecoding):
         if u.size == 0:
             return 0
         c1 = c0 + u.size
+        self._units[c0:c1] = u
         self._count_feat[0, : self.dim] += tab.emb[u].sum(0)
         self._bias[0, c0 + 1 : c1 + 1] = 0.0
         self._count = c1
@@ -558,6 +561,7 @@ class StreamingEngine(OfflineDecoding):
         if u.size == 0:
             return 0
         self._last_feat += tab.emb[u].sum(0)
+        self._last_units[self._last_count : self._last_count + u.size] = u
         self._last_count += u.size
         self._late_pending = True
         self._late_accepted += u.size
@@ -576,8 +580,10 @@ class StreamingEngine(OfflineDecoding):
         group's first finish overwrote, so the run sees what the first one saw."""
         g, c, lc = self._last_group, self._count, self._last_count
         n, s = self.n, (self._slot - self.n) % self.L
-        cur = (self._k[:c].copy(), self._v[:c].copy(), self._count_feat[0].copy())
+        cur = (self._k[:c].copy(), self._v[:c].copy(), self._units[:c].copy(),
+               self._count_feat[0].copy())  # fmt: skip
         self._k[:lc], self._v[:lc] = self._last_k[:lc], self._last_v[:lc]
+        self._units[:lc] = self._last_units[:lc]
         self._bias[0, 1 : max(c, lc) + 1] = -np.inf
         self._bias[0, 1 : lc + 1] = 0.0
         self._count_feat[0, : self.dim] = self._last_feat
@@ -596,7 +602,7 @@ class StreamingEngine(OfflineDecoding):
             self._h = self._h_before_last
             self._advance_readout()
         # the current group back as it was
-        self._k[:c], self._v[:c], self._count_feat[0] = cur
+        self._k[:c], self._v[:c], self._units[:c], self._count_feat[0] = cur
         self._bias[0, 1 : max(c, lc) + 1] = -np.inf
         self._bias[0, 1 : c + 1] = 0.0
         self._count = c
@@ -688,6 +694,7 @@ class StreamingEngine(OfflineDecoding):
         if self.late_grace > 0:  # open to late spikes until a step passes the grace
             c = self._count
             self._last_k[:c], self._last_v[:c] = self._k[:c], self._v[:c]
+            self._last_units[:c] = self._units[:c]
             self._last_feat[:] = self._count_feat[0, : self.dim]
             self._last_group, self._last_count = g, c
         self._clear_group()
@@ -707,7 +714,14 @@ class StreamingEngine(OfflineDecoding):
         if r is not self._h_owner:
             self._reset_readout(self._bound_tables)
         self._h_before_last = self._h
-        self._h = r.cell(self._h, r.inputs(self._fin_pred[0, self.P :]))
+        self._h = r.cell(self._h, r.inputs(self._fin_pred[0, self.P :], self._group_counts(r)))
+
+    def _group_counts(self, r) -> np.ndarray | None:
+        """Each unit's spikes in the current group so far (C,), where the readout reads
+        spike counts (units past its C, after a swap to other tables, are left out)."""
+        if not r.units:
+            return None
+        return np.bincount(self._units[: self._count], minlength=r.units)[: r.units]
 
     def _advance_to(self, g: int, tab: UnitTables) -> None:
         """Make ``g`` the current group, finishing every group before it (with the
@@ -767,7 +781,9 @@ class StreamingEngine(OfflineDecoding):
         if r is not self._h_owner:  # tables with another readout were swapped in
             self._reset_readout(tab)
         # the heads' columns of _pred, the readout's output in this output's columns
-        self._readout_out[tab.out_slice] = r.outputs_at(self._h, self._pred[0, self.P :])
+        self._readout_out[tab.out_slice] = r.outputs_at(
+            self._h, self._pred[0, self.P :], self._group_counts(r)
+        )
         return self._readout_out
 
     def _step_window(self, t: float) -> np.ndarray:

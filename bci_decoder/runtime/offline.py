@@ -90,10 +90,11 @@ class OfflineDecoding:
             if not self._decode_split(times, units, q, out, start, workers):
                 self._decode_causal(times, units, q, out)
         else:  # the session readout over the features, the groups in order
-            r = tab.readout
-            qfeat, first, gfeat = self._features(times, units, q, out, start, workers)
-            states = r.scan(gfeat)  # (G+1, H): after 0, 1, ... G groups
-            z = r.outputs_at(states[grid_index(q, self.step_s) - first], qfeat)  # (Q, O)
+            r, D = tab.readout, self.dim
+            qfeat, first, gfeat = self._features(times, units, q, out, start, workers, r.units)
+            states = r.scan(gfeat[:, :D], gfeat[:, D:])  # (G+1, H): after 0, 1, ... G groups
+            prev = grid_index(q, self.step_s) - first
+            z = r.outputs_at(states[prev], qfeat[:, :D], qfeat[:, D:])  # (Q, O)
             out[:] = tab.norm.inverse(z)
             # the end state, as streaming would have it
             self._h, self._h_before_last, self._h_owner = states[-1], states[-2], r
@@ -107,11 +108,14 @@ class OfflineDecoding:
         *,
         start: float | None = None,
         workers: int = 1,
+        counts: int = 0,
     ) -> tuple[np.ndarray, int, np.ndarray]:
         """Causal mode: the features the heads read (``model.step``) at each sorted
         query (Q, D), the index of the first group decoded, and the end-time features
         of every group from it to the last query's (G, D): a session readout's inputs
-        (``train/session_readout_fit.py``). The engine is reset first, as by ``decode``."""
+        (``train/session_readout_fit.py``). ``counts`` C > 0: C more columns, the spike
+        counts of units 0..C-1 in the group up to the query's time (the group's end).
+        The engine is reset first, as by ``decode``."""
         if self.mode != "causal":
             raise ValueError("features for a session readout come from causal mode")
         q = np.asarray(query_times, dtype=np.float64).reshape(-1)
@@ -121,10 +125,10 @@ class OfflineDecoding:
         out = np.zeros((q.size, self._tables.out_slice.stop - self._tables.out_slice.start))
         times = np.asarray(spike_times, dtype=np.float64)
         return self._features(times, np.asarray(spike_units), q, out.astype(np.float32),
-                              start, workers)  # fmt: skip
+                              start, workers, counts)  # fmt: skip
 
-    def _features(self, times, units, q, out, start, workers):
-        qfeat = np.zeros((q.size, self.dim), np.float32)
+    def _features(self, times, units, q, out, start, workers, counts=0):
+        qfeat = np.zeros((q.size, self.dim + counts), np.float32)
         gfeat: dict[int, np.ndarray] = {}
         if not self._decode_split(times, units, q, out, start, workers, qfeat, gfeat):
             self._decode_causal(times, units, q, out, qfeat=qfeat, gfeat=gfeat)
@@ -275,7 +279,8 @@ class OfflineDecoding:
         spikes and finish the counters count (a warm-up's are not). ``qfeat`` (Q, D):
         filled with each query's features; ``gfeat``: filled with each counted group's
         end-time features (its finish block's), by group index (a session readout's
-        inputs)."""
+        inputs); where qfeat has C columns more than D, they get each block's spike
+        counts of units 0..C-1 (the spikes the block sees, as ``step`` counts them)."""
         tab = self._tables
         s, n, D, f32 = self.step_s, self.n, self.dim, np.float32
         Wb, depth = self.L // n, self.depth  # L = max(W-1, 1)·n
@@ -339,6 +344,12 @@ class OfflineDecoding:
             np.matmul(visible.astype(f32), np.take(tab.emb, u_pad, axis=0), out=feat[..., :D])
             feat[..., D] = (tq - ((g - 1) * s)[:, None]) / s
             feat[:, 0, D] = 1.0
+            C = 0 if qfeat is None else qfeat.shape[1] - D
+            if C:  # each block's spike counts per unit (G, B, C)
+                onehot = np.zeros((G, S, C), f32)
+                gi, si = np.nonzero(valid & (u_pad < C))
+                onehot[gi, si, u_pad[gi, si]] = 1.0
+                block_counts = np.matmul(visible.astype(f32), onehot)
             k_t, v_t = self._heads_first(tab)
             spike_cos, spike_sin = cos_sin_float32(t_pad, self.periods)  # (G, S, F)
             rot_cos, rot_sin = rotation_rows(tq, self.periods, self.Dh)
@@ -364,10 +375,13 @@ class OfflineDecoding:
                 pred[qg, qb][:, tab.out_slice] * tab.norm.std + tab.norm.mean
             )
             if qfeat is not None:
-                qfeat[q_edges[c0] : q_edges[c1]] = pred[qg, qb][:, self.P :]
+                qfeat[q_edges[c0] : q_edges[c1], :D] = pred[qg, qb][:, self.P :]
+                if C:
+                    qfeat[q_edges[c0] : q_edges[c1], D:] = block_counts[qg, qb]
             if gfeat is not None:
                 for j in np.flatnonzero(counted if count_from is not None else np.ones(G, bool)):
-                    gfeat[int(g[j])] = pred[j, 0, self.P :]
+                    row = pred[j, 0, self.P :]
+                    gfeat[int(g[j])] = np.concatenate([row, block_counts[j, 0]]) if C else row
             self._steps += qg.size
             self._groups_finished += (
                 G if count_from is None else int(np.count_nonzero(g >= count_from))

@@ -73,9 +73,15 @@ class UnitTables:
                 f"session {session_id!r} has no normalisation for output {output!r} "
                 f"(it has {sorted(norms)})"
             )
+        known = pkg.session_unit_names(session_id)
         if unit_names is None:
-            unit_names = pkg.session_unit_names(session_id)
+            unit_names = known
         rows = pkg.units.lookup(f"{session_id}/{u}" for u in unit_names)
+        readout = pkg.readout(session_id, output)
+        if readout is not None and readout.units:  # its count inputs in the tables' order
+            # (ModelPackage checked it reads every unit of the session)
+            pos = {u: i for i, u in enumerate(known)}
+            readout = readout.for_units(np.array([pos.get(u, -1) for u in unit_names]))
         table = pkg.arrays["unit_emb"]
         emb = table[rows]  # (U, D)
         k, v = pkg.keys_values(emb)
@@ -98,7 +104,7 @@ class UnitTables:
             norm=norms[output],
             out_slice=pkg.output_columns[output],
             version=next(_VERSIONS),
-            readout=pkg.readout(session_id, output),
+            readout=readout,
         )
 
     @classmethod

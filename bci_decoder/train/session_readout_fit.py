@@ -7,8 +7,11 @@ from the start of the session to the end of its validation tail; the test part (
 ``window`` groups of the training part, each from a zero state, the queries of its
 first ``burn_in`` groups left out of the loss (their state has seen too little). The
 epoch whose validation-tail R² is best is kept; the readout is kept only when that R²
-beats the model's own linear head on the same tail (``kept``). Torch, one thread by
-default; a session of 45 min fits in about a minute.
+beats the model's own linear head on the same tail (``kept``). With ``counts`` (the
+default) the GRU also reads each unit's spike count in the group so far (the engine's
+count of the spikes it was given, ``decode_features(counts=...)``); the readout is then
+stored in the package's unit order of the session (``for_units``). Torch, one thread by
+default; a session of 45 min fits in about a minute and a half.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class ReadoutSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     hidden: int = 128  # GRU units
+    counts: bool = True  # each unit's sqrt spike count in the group, besides the features
     lr: float = 2e-3  # Adam
     dropout: float = 0.2  # on the features, in training
     window: int = 60  # groups per training window (3 s at 50 ms)
@@ -57,10 +61,13 @@ def session_features(
     stop: float,
     workers: int = 2,
     start: float | None = None,
+    counts: bool = False,
 ) -> dict[str, Any]:
     """The features of ``session`` from ``start`` (its beginning) to ``stop`` (s), through
     the streaming engine: behaviour times, targets, each sample's features (Q, D), the
-    first group decoded and every group's end-time features (G, D)."""
+    first group decoded and every group's end-time features (G, D); with ``counts``, C
+    more columns each, the spike counts of the session's units (``unit_ids`` order) in
+    the group up to that time, and ``units`` = C."""
     from bci_decoder.runtime.engine import StreamingEngine, UnitTables
 
     lo = session.domain[0] if start is None else start
@@ -73,10 +80,21 @@ def session_features(
     )
     q = beh.timestamps
     start = stream_start(q[0], 3.0, decoder.config.latent_step)
+    C = len(session.unit_ids) if counts else 0
     qf, first, gf = engine.decode_features(
-        session.spike_times, session.spike_units, q, start=start, workers=workers
+        session.spike_times, session.spike_units, q, start=start, workers=workers, counts=C
     )
-    return {"times": q, "target": beh.data, "qfeat": qf, "first": first, "gfeat": gf}
+    return {"times": q, "target": beh.data, "qfeat": qf, "first": first, "gfeat": gf, "units": C}
+
+
+def in_package_order(readout: SessionReadout, decoder: Decoder, session: Session) -> SessionReadout:
+    """A readout fitted on ``session.unit_ids``' order, in the order the model package
+    lists the session's units (``ModelPackage.session_unit_names``; ``UnitTables`` reorders
+    from there to a stream's units)."""
+    prefix = f"{session.session_id}/"
+    names = [u[len(prefix) :] for u in decoder.units.to_list() if u.startswith(prefix)]
+    pos = {u: i for i, u in enumerate(session.unit_ids)}
+    return readout.for_units(np.array([pos[u] for u in names], np.int64))
 
 
 def linear_head(decoder: Decoder, output: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -114,7 +132,7 @@ class _Readout(torch.nn.Module):
         out, _ = self.gru(x)
         return torch.cat([out.new_zeros(out.shape[0], 1, out.shape[2]), out], 1)
 
-    def export(self, in_mean: np.ndarray, in_std: np.ndarray) -> SessionReadout:
+    def export(self, in_mean: np.ndarray, in_std: np.ndarray, counts: int = 0) -> SessionReadout:
         g = self.gru
 
         def a(t: torch.Tensor) -> np.ndarray:
@@ -122,7 +140,7 @@ class _Readout(torch.nn.Module):
 
         return SessionReadout(
             a(g.weight_ih_l0), a(g.weight_hh_l0), a(g.bias_ih_l0), a(g.bias_hh_l0),
-            a(self.head.weight), a(self.head.bias), in_mean, in_std,
+            a(self.head.weight), a(self.head.bias), in_mean, in_std, np.array([counts]),
         )  # fmt: skip
 
 
@@ -139,7 +157,9 @@ def fit_readout(
     """Fit on the samples before ``train_end``, choose the epoch on ``valid``.
 
     ``norm``: the output's normaliser (targets as z-scores); ``head``: the model's own
-    linear readout of features (Q, D) -> normalised outputs, the bar on ``valid``."""
+    linear readout of features (Q, D) -> normalised outputs, the bar on ``valid``. Where
+    ``feats`` carry spike counts (``units`` C > 0, the last C columns), the GRU reads
+    their square roots too."""
     st = settings or ReadoutSettings()
     t0 = time.perf_counter()
     torch.manual_seed(st.seed)
@@ -149,7 +169,12 @@ def fit_readout(
         torch.set_num_threads(st.threads)
     try:
         qt, y = feats["times"], feats["target"]
+        C = int(feats.get("units", 0))
         qf, gf, first = feats["qfeat"], feats["gfeat"], feats["first"]
+        D = qf.shape[1] - C
+        if C:  # the counts' square roots, as SessionReadout.inputs reads them
+            qf = np.concatenate([qf[:, :D], np.sqrt(qf[:, D:])], 1)
+            gf = np.concatenate([gf[:, :D], np.sqrt(gf[:, D:])], 1)
         prev = grid_index(qt, step) - first  # each query's state: after the groups before it
         train = qt < train_end
         vmask = (qt > valid[0]) & (qt <= valid[1])
@@ -175,7 +200,7 @@ def fit_readout(
                 z = m.head(m.cell(states[prev[vmask]], qz[vmask])).numpy()
             return r2_score(y[vmask], norm.inverse(z))
 
-        base = r2_score(y[vmask], norm.inverse(head(qf[vmask])))
+        base = r2_score(y[vmask], norm.inverse(head(qf[vmask, :D])))
         best = (-np.inf, None, -1)
         per_epoch = min(len(starts), max(st.min_windows, int(len(starts) * st.epoch_fraction)))
         bar = tqdm(range(st.max_epochs), desc="readout", disable=not progress, leave=False)
@@ -214,7 +239,7 @@ def fit_readout(
                 break
             bar.set_postfix(valid=f"{r2:.3f}", best=f"{best[0]:.3f}", base=f"{base:.3f}")
         model.load_state_dict(best[1])
-        readout = model.export(in_mean.astype(np.float32), in_std.astype(np.float32))
+        readout = model.export(in_mean.astype(np.float32), in_std.astype(np.float32), C)
     finally:
         torch.set_num_threads(threads)
     report = {
@@ -225,6 +250,7 @@ def fit_readout(
         "epochs": epochs,
         "seconds": time.perf_counter() - t0,
         "hidden": st.hidden,
+        "counts": C,
     }
     return readout, report
 
@@ -241,12 +267,13 @@ def fit_session_readout(
     st = settings or ReadoutSettings()
     output = output or session.default_output()
     split = time_split(session)
-    feats = session_features(decoder, session, output, split.valid[1], st.workers)
+    feats = session_features(decoder, session, output, split.valid[1], st.workers, counts=st.counts)
     norm = decoder.norms[session.session_id][output]
     readout, report = fit_readout(
         feats, norm, linear_head(decoder, output), decoder.config.latent_step, split.train[1],
         split.valid, st, progress,
     )  # fmt: skip
+    readout = in_package_order(readout, decoder, session)
     return readout, {"session": session.session_id, "output": output, **report}
 
 
@@ -260,13 +287,15 @@ def fit_block_readout(
     threads: int = 1,
     max_epochs: int = 25,
     min_windows: int = 256,
+    counts: bool = False,
 ) -> tuple[SessionReadout | None, dict[str, Any]]:
     """A calibration block's readout (``calibrate.adapt``'s last stage): features of
     [lo, hi) from the calibrated model, a GRU of each size in ``hidden`` fitted on
     [lo, cut) and scored on [cut, hi); the best is returned where it beats the linear head
-    on that slice by ``min_gain``, else None. One core (features decoded on one worker)."""
+    on that slice by ``min_gain``, else None. One core (features decoded on one worker).
+    ``counts``: the GRU reads the units' spike counts too (``ReadoutSettings.counts``)."""
     lo, cut, hi = cuts
-    feats = session_features(decoder, session, output, hi, workers=1, start=lo)
+    feats = session_features(decoder, session, output, hi, workers=1, start=lo, counts=counts)
     norm = decoder.norms[session.session_id][output]
     head = linear_head(decoder, output)
     best: tuple[SessionReadout | None, dict[str, Any]] = (None, {})
@@ -277,7 +306,7 @@ def fit_block_readout(
             feats, norm, head, decoder.config.latent_step, cut, (cut, hi), st, progress=False
         )
         if best[0] is None or rep["valid_r2_readout"] > best[1]["valid_r2_readout"]:
-            best = (r, rep)
+            best = (in_package_order(r, decoder, session), rep)
     r, rep = best
     kept = rep["valid_r2_readout"] > rep["valid_r2_head"] + min_gain
     return (r if kept else None), rep | {"kept": kept, "min_gain": min_gain}
