@@ -326,6 +326,14 @@ class SecondStage:
     readout_hidden: tuple[int, ...] = (128,)
     readout_min_gain: float = 0.005
     readout_epochs: int = 25
+    # the readout also reads each unit's spike count in the group (session_readout's
+    # counts; they win on the real sessions' 30-45 min of training). Off here: held-out
+    # sessions of poyo-mp-transfer, 60 s, readout of features vs features + counts
+    # (test R², whether the slice kept it): jango_20160711 0.884 (kept) / 0.873 (kept),
+    # mihi 0.745 (kept) / 0.742, chewie_20131003 0.589 / 0.550, spike_20120904 0.741 /
+    # 0.787, spike_20120905 0.737 / 0.795 (neither kept on the Spike days): the slice
+    # would have kept counts on jango alone, where they lose.
+    readout_counts: bool = False
 
 
 def fine_tune(
@@ -480,6 +488,7 @@ def adapt(
         readout, rep = fit_block_readout(
             dec, session, output, (span[0], cut, span[1]), stage.readout_hidden,
             stage.readout_min_gain, st.threads, stage.readout_epochs,
+            counts=stage.readout_counts,
         )  # fmt: skip
         report["readout"] = readout is not None
         report["readout_report"] = rep

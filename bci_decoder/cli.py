@@ -199,6 +199,13 @@ def readout(
         Path, typer.Option(help="NWB file or folder of sessions the model knows")
     ] = DEFAULT_REAL,
     hidden: Annotated[int, typer.Option(help="GRU units of each readout")] = 128,
+    counts: Annotated[
+        str,
+        typer.Option(
+            help="Read each unit's spike count in the group besides the features: yes, no, "
+            "or choose (fit both, keep the better on 63-70%)"
+        ),
+    ] = "choose",
     seed: Annotated[int, typer.Option(help="Seed of the fit")] = 0,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the fit report here")
@@ -211,10 +218,12 @@ def readout(
     For every session in --data that the model knows: the features come from the
     streaming engine over the first 70% of the session; the GRU trains on the first 63%
     and the epoch is chosen on 63-70%; the test part (last 30%) is never read. A readout
-    is kept only where it beats the linear head on 63-70%. The model folder's package
-    tables are rewritten with the readouts (its graphs are unchanged); the daemon,
-    `evaluate` and offline decoding then use them. About a minute per 45-minute session
-    on one core."""
+    is kept only where it beats the linear head on 63-70%. With --counts choose (the
+    default) a readout that also reads each unit's spike count in the 50 ms group and
+    one of the features only are both fitted, and 63-70% keeps the better. The model
+    folder's package tables are rewritten with the readouts (its graphs are unchanged);
+    the daemon, `evaluate` and offline decoding then use them. About three minutes per
+    45-minute session on one core."""
     import json
 
     from bci_decoder.train.session_readout_fit import ReadoutSettings, fit_session_readout
@@ -223,7 +232,9 @@ def readout(
     sessions = [s for s in _load_sessions(data) if s.session_id in dec.sessions]
     if not sessions:
         _fail(f"none of the sessions in {data} is known to {model}: calibrate them first")
-    st = ReadoutSettings(hidden=hidden, seed=seed)
+    if counts not in ("yes", "no", "choose"):
+        _fail(f"--counts must be yes, no or choose, not {counts!r}")
+    st = ReadoutSettings(hidden=hidden, seed=seed, counts=counts)
     rows = []
     for s in sessions:
         out = s.default_output()
@@ -239,7 +250,8 @@ def readout(
         rows.append(report)
         typer.echo(
             f"{s.session_id:28s} {out:10s} valid R2 head {report['valid_r2_head']:.3f} "
-            f"readout {report['valid_r2_readout']:.3f} -> "
+            f"readout {report['valid_r2_readout']:.3f}"
+            f"{' (with spike counts)' if report['counts'] else ''} -> "
             f"{'kept' if report['kept'] else 'not kept'} ({report['seconds']:.0f} s)"
         )
     dec.save(model)

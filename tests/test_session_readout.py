@@ -21,7 +21,13 @@ from bci_decoder.model.normalizer import Normalizer
 from bci_decoder.model.package import ModelPackage, PackageError
 from bci_decoder.model.session_readout import SessionReadout
 from bci_decoder.runtime.engine import StreamingEngine, UnitTables
-from bci_decoder.train.session_readout_fit import ReadoutSettings, _Readout, fit_readout
+from bci_decoder.train.session_readout_fit import (
+    ReadoutSettings,
+    _Readout,
+    fit_readout,
+    fit_session_readout,
+    without_counts,
+)
 from tests.test_engine import assert_close, small_decoder  # the 1e-4-of-std check
 from tests.test_engine import stream_upto as run
 
@@ -239,3 +245,47 @@ def test_fit_learns_what_the_linear_head_cannot():
     )  # fmt: skip
     assert report["kept"] and report["valid_r2_readout"] > report["valid_r2_head"] + 0.2, report
     assert readout.hidden == 16 and readout.outputs == 2
+
+
+def test_fit_reads_spike_counts_the_features_lack():
+    """Targets driven by one unit's spike counts, which the features do not carry: a
+    readout of counts learns them, one of the features alone cannot."""
+    rng = np.random.default_rng(0)
+    G, D, C, step = 3000, 6, 3, 0.05
+    gf = rng.standard_normal((G, D)).astype(np.float32)
+    counts = rng.poisson(2.0, (G, C)).astype(np.float32)
+    times = step * np.arange(1, G + 1)
+    y = np.zeros((G, 1))
+    for i in range(1, G):  # a leaky integral of unit 1's rate
+        y[i] = 0.8 * y[i - 1] + np.sqrt(counts[i, 1])
+    feats = {"times": times, "target": y, "qfeat": np.concatenate([gf, counts], 1),
+             "first": 1, "gfeat": np.concatenate([gf, counts], 1), "units": C}  # fmt: skip
+    norm = Normalizer(y[:2100].mean(0), y[:2100].std(0))
+    st = ReadoutSettings(hidden=16, max_epochs=10, patience=4, window=40, burn_in=10)
+    cuts = (times[2100], (times[2100], times[2500]))
+
+    def fit(f):
+        return fit_readout(f, norm, lambda f: np.zeros((len(f), 1)), step, *cuts, st,
+                           progress=False)  # fmt: skip
+
+    readout, report = fit(feats)
+    assert readout.units == C and report["counts"] == C
+    assert report["valid_r2_readout"] > 0.8, report
+    _, plain = fit(without_counts(feats))
+    assert plain["counts"] == 0 and plain["valid_r2_readout"] < 0.3, plain
+
+
+def test_fit_session_readout_chooses_on_the_tail():
+    """``fit_session_readout`` fits a readout with and one without counts and keeps the
+    better on 63-70%; or only the one asked for."""
+    dec, sessions = small_decoder()
+    session = sessions[0]
+    st = ReadoutSettings(hidden=8, max_epochs=2, patience=2, min_windows=32, workers=1)
+    readout, report = fit_session_readout(dec, session, "hand_vel", st, progress=False)
+    tried = report["valid_r2_tried"]
+    assert set(tried) == {"counts=0", f"counts={len(session.unit_ids)}"}
+    assert report["valid_r2_readout"] == max(tried.values())
+    assert readout.units == report["counts"]
+    only = st.model_copy(update={"counts": "no"})
+    r_no, rep_no = fit_session_readout(dec, session, "hand_vel", only, progress=False)
+    assert r_no.units == 0 and set(rep_no["valid_r2_tried"]) == {"counts=0"}

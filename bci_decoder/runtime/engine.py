@@ -25,7 +25,9 @@ Session readout (causal mode, where the tables carry one: ``model.session_readou
 finish run also reads out the group at its end time, and a GRU state advances on those
 features once per finished group (a re-finish after late spikes redoes that step from
 the state before it); each step's output is the readout's head on one more GRU cell over
-the step's own features instead of the linear head. New tables with another readout
+the step's own features instead of the linear head. A readout that reads spike counts
+gets each unit's count of the group's buffered spikes (at the finish: all of them; at a
+step: those up to t), in the tables' unit order. New tables with another readout
 restart the state from zero at the swap.
 
 Window mode, per step: the window's cached spike keys, latents recomputed (reference

@@ -18,7 +18,8 @@ the second half's state equals the one-pass state and its outputs equal one pass
 float rounding). ONNX Runtime releases the GIL while it runs, which is most of the time.
 
 A session readout (``model.session_readout``, causal mode): the chunk graph's finish
-blocks give every group's end-time features, the queries' rows their own; after the
+blocks give every group's end-time features, the queries' rows their own (and, for a
+readout of spike counts, each block's count per unit of the spikes it sees); after the
 decode (one pass or split: the twin then finishes every group before the split) one scan
 over the groups in order gives the GRU's states and each query's output.
 ``tests/test_engine.py`` holds both splits equal to one pass.

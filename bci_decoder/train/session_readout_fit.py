@@ -7,18 +7,19 @@ from the start of the session to the end of its validation tail; the test part (
 ``window`` groups of the training part, each from a zero state, the queries of its
 first ``burn_in`` groups left out of the loss (their state has seen too little). The
 epoch whose validation-tail R² is best is kept; the readout is kept only when that R²
-beats the model's own linear head on the same tail (``kept``). With ``counts`` (the
-default) the GRU also reads each unit's spike count in the group so far (the engine's
-count of the spikes it was given, ``decode_features(counts=...)``); the readout is then
-stored in the package's unit order of the session (``for_units``). Torch, one thread by
-default; a session of 45 min fits in about a minute and a half.
+beats the model's own linear head on the same tail (``kept``). With ``counts`` the GRU
+also reads each unit's spike count in the group so far (the engine's count of the
+spikes it was given, ``decode_features(counts=...)``); by default a readout with and one
+without are fitted and the tail chooses. A readout of counts is stored in the package's
+unit order of the session (``for_units``). Torch, one thread by default; a session of
+45 min fits in about three minutes (both readouts).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,7 +40,10 @@ class ReadoutSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     hidden: int = 128  # GRU units
-    counts: bool = True  # each unit's sqrt spike count in the group, besides the features
+    # each unit's sqrt spike count in the group besides the features: "yes", "no", or
+    # "choose" (fit both, keep the better on the validation tail: counts helped the
+    # sessions of much training data, Jango's 45 min, and overfit chewie's few minutes)
+    counts: Literal["yes", "no", "choose"] = "choose"
     lr: float = 2e-3  # Adam
     dropout: float = 0.2  # on the features, in training
     window: int = 60  # groups per training window (3 s at 50 ms)
@@ -267,14 +271,38 @@ def fit_session_readout(
     st = settings or ReadoutSettings()
     output = output or session.default_output()
     split = time_split(session)
-    feats = session_features(decoder, session, output, split.valid[1], st.workers, counts=st.counts)
+    feats = session_features(
+        decoder, session, output, split.valid[1], st.workers, counts=st.counts != "no"
+    )
     norm = decoder.norms[session.session_id][output]
-    readout, report = fit_readout(
-        feats, norm, linear_head(decoder, output), decoder.config.latent_step, split.train[1],
-        split.valid, st, progress,
-    )  # fmt: skip
+    variants = {"yes": [feats], "no": [without_counts(feats)]}
+    variants["choose"] = variants["no"] + variants["yes"]
+    fits = [
+        fit_readout(
+            f,
+            norm,
+            linear_head(decoder, output),
+            decoder.config.latent_step,
+            split.train[1],
+            split.valid,
+            st,
+            progress,
+        )  # fmt: skip
+        for f in variants[st.counts]
+    ]
+    readout, report = max(fits, key=lambda fit: fit[1]["valid_r2_readout"])
+    tried = {f"counts={rep['counts']}": rep["valid_r2_readout"] for _, rep in fits}
+    report = report | {"valid_r2_tried": tried, "seconds": sum(rep["seconds"] for _, rep in fits)}
     readout = in_package_order(readout, decoder, session)
     return readout, {"session": session.session_id, "output": output, **report}
+
+
+def without_counts(feats: dict[str, Any]) -> dict[str, Any]:
+    """``session_features`` without their spike-count columns."""
+    C = int(feats.get("units", 0))
+    if not C:
+        return feats
+    return feats | {"qfeat": feats["qfeat"][:, :-C], "gfeat": feats["gfeat"][:, :-C], "units": 0}
 
 
 def fit_block_readout(
