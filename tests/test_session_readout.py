@@ -289,3 +289,25 @@ def test_fit_session_readout_chooses_on_the_tail():
     only = st.model_copy(update={"counts": "no"})
     r_no, rep_no = fit_session_readout(dec, session, "hand_vel", only, progress=False)
     assert r_no.units == 0 and set(rep_no["valid_r2_tried"]) == {"counts=0"}
+
+
+def test_fit_starts_from_a_given_readout():
+    """``init``: the fit starts from another readout's weights (with lr 0 it returns them);
+    a readout of other inputs or size is refused."""
+    rng = np.random.default_rng(1)
+    G, D, step = 600, 6, 0.05
+    gf = rng.standard_normal((G, D)).astype(np.float32)
+    times = step * np.arange(1, G + 1)
+    y = gf[:, :2].cumsum(0) * 0.1
+    feats = {"times": times, "target": y, "qfeat": gf, "first": 1, "gfeat": gf}
+    norm = Normalizer(y.mean(0), y.std(0))
+    start = random_readout(rng, D, 16, 2)
+    st = ReadoutSettings(hidden=16, max_epochs=1, window=40, burn_in=10, lr=0.0, dropout=0.0)
+    cuts = (times[400], (times[400], times[500]))
+    got, _ = fit_readout(feats, norm, lambda f: f[:, :2], step, *cuts, st, progress=False,
+                         init=start)  # fmt: skip
+    for name in ("w_ih", "w_hh", "b_ih", "b_hh", "head_w", "head_b"):
+        assert np.array_equal(getattr(got, name), getattr(start, name)), name
+    with pytest.raises(ValueError, match="cannot start a fit"):
+        fit_readout(feats, norm, lambda f: f[:, :2], step, *cuts, st, progress=False,
+                    init=random_readout(rng, D, 8, 2))  # fmt: skip

@@ -136,6 +136,22 @@ class _Readout(torch.nn.Module):
         out, _ = self.gru(x)
         return torch.cat([out.new_zeros(out.shape[0], 1, out.shape[2]), out], 1)
 
+    def load(self, r: SessionReadout) -> None:
+        """Start from ``r``'s GRU (and head, where the output dims match)."""
+        g = self.gru
+        if r.w_ih.shape != tuple(g.weight_ih_l0.shape) or r.hidden != g.hidden_size:
+            raise ValueError(
+                f"a readout of {r.w_ih.shape[1]} inputs and {r.hidden} units cannot start "
+                f"a fit of {g.input_size} and {g.hidden_size}"
+            )
+        pairs = [(g.weight_ih_l0, r.w_ih), (g.weight_hh_l0, r.w_hh), (g.bias_ih_l0, r.b_ih),
+                 (g.bias_hh_l0, r.b_hh)]  # fmt: skip
+        if r.head_w.shape == tuple(self.head.weight.shape):
+            pairs += [(self.head.weight, r.head_w), (self.head.bias, r.head_b)]
+        with torch.no_grad():
+            for p, a in pairs:
+                p.copy_(torch.tensor(np.asarray(a)))
+
     def export(self, in_mean: np.ndarray, in_std: np.ndarray, counts: int = 0) -> SessionReadout:
         g = self.gru
 
@@ -157,13 +173,15 @@ def fit_readout(
     valid: tuple[float, float],
     settings: ReadoutSettings | None = None,
     progress: bool = True,
+    init: SessionReadout | None = None,
 ) -> tuple[SessionReadout, dict[str, Any]]:
     """Fit on the samples before ``train_end``, choose the epoch on ``valid``.
 
     ``norm``: the output's normaliser (targets as z-scores); ``head``: the model's own
     linear readout of features (Q, D) -> normalised outputs, the bar on ``valid``. Where
     ``feats`` carry spike counts (``units`` C > 0, the last C columns), the GRU reads
-    their square roots too."""
+    their square roots too. ``init``: a readout of the same inputs and hidden size to
+    start from (its head too where the output dims match), instead of random weights."""
     st = settings or ReadoutSettings()
     t0 = time.perf_counter()
     torch.manual_seed(st.seed)
@@ -191,6 +209,8 @@ def fit_readout(
         qz = torch.from_numpy(((qf - in_mean) / in_std).astype(np.float32))
         yz = torch.from_numpy(np.asarray(norm.forward(y), np.float32))
         model = _Readout(gf.shape[1], st.hidden, y.shape[1])
+        if init is not None:
+            model.load(init)
         opt = torch.optim.Adam(model.parameters(), st.lr)
         drop = torch.nn.Dropout(st.dropout)
         T, burn = st.window, st.burn_in
