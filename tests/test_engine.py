@@ -585,3 +585,40 @@ def test_real_session_parity(real_data):
     eng = StreamingEngine(dec, sid, out, mode="window", backend="onnx")
     eng.set_units(tables)
     assert_close(eng.decode(times, session.spike_units, queries, normalised=True), ref)
+
+
+def test_real_session_counts_readout(real_data):
+    """A shipped readout that reads spike counts (millerlab's, chosen on its validation
+    tail): streaming step by step equals offline decoding, with the stream's units in the
+    session's order and reversed."""
+    from bci_decoder.data.nwb import read_nwb
+    from bci_decoder.train.checkpoint import Decoder
+
+    dec = Decoder.load("models/poyo-mp-small")
+    session = read_nwb(real_data / "millerlab_s1_area2.nwb")
+    sid, out = session.session_id, session.default_output()
+    names = list(session.unit_ids)
+    tables = UnitTables.from_decoder(dec, sid, out, names)
+    assert tables.readout is not None and tables.readout.units == len(names)
+    queries = 30.0 + 0.01 * np.arange(3_000) + 0.0004
+    start = stream_start(queries[0], 3.0, dec.config.latent_step)
+    eng = StreamingEngine(dec, sid, out, backend="onnx")
+    eng.set_units(tables)
+    ref = eng.decode(session.spike_times, session.spike_units, queries, start=start,
+                     normalised=True)  # fmt: skip
+    flipped = UnitTables.from_decoder(dec, sid, out, names[::-1])
+    for tab, units in (
+        (tables, session.spike_units),
+        (flipped, len(names) - 1 - session.spike_units),
+    ):
+        eng = StreamingEngine(dec, sid, out, backend="onnx")
+        eng.set_units(tab)
+        eng.reset(start=start)
+        j = int(np.searchsorted(session.spike_times, queries[0] - 3.0 - 0.1))
+        got = []
+        for t in queries:
+            k = np.searchsorted(session.spike_times, t, side="right")
+            eng.push(session.spike_times[j:k], units[j:k])
+            j = k
+            got.append(eng.step(t))
+        assert_close((np.array(got) - eng.norm.mean) / eng.norm.std, ref)
