@@ -27,7 +27,10 @@ parameters shared by every session; the counts give the GRU each unit's own rate
 the reference GRU lives on: on the three real sessions where the readout lost to it
 (scratch measurement, frozen ``poyo-mp-small`` features, issue 8's note) they raised
 the test R² 0.949 -> 0.966 (Jango 2016-06-26) and 0.716 -> 0.734 (millerlab), the
-validation tail's by as much.
+validation tail's by as much. The fit chooses with or without counts on the validation
+tail (they overfit sessions of a few minutes); with that choice ``poyo-mp-small`` scores
+0.820 on the seven, ahead of the reference GRU on all seven
+(benchmarks/results/evaluate_readout.json).
 
 Why: on the seven real sessions a GRU over the frozen ``poyo-mp-small`` features
 (1 layer of 128, each session's training part) raised the mean causal test R² from
