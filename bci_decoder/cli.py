@@ -228,12 +228,12 @@ def readout(
 
     from bci_decoder.train.session_readout_fit import ReadoutSettings, fit_session_readout
 
+    if counts not in ("yes", "no", "choose"):
+        _fail(f"--counts must be yes, no or choose, not {counts!r}")
     dec = _load_decoder(model)
     sessions = [s for s in _load_sessions(data) if s.session_id in dec.sessions]
     if not sessions:
         _fail(f"none of the sessions in {data} is known to {model}: calibrate them first")
-    if counts not in ("yes", "no", "choose"):
-        _fail(f"--counts must be yes, no or choose, not {counts!r}")
     st = ReadoutSettings(hidden=hidden, seed=seed, counts=counts)
     rows = []
     for s in sessions:

@@ -153,3 +153,5 @@ def test_cli_errors_are_clear(tmp_path):
     bad.write_text("cadence_hz: -5\n")
     res = cli("serve", "--config", str(bad), check=False)
     assert res.returncode == 2 and "cadence_hz" in res.stderr
+    res = cli("readout", "--counts", "maybe", check=False)
+    assert res.returncode == 2 and "--counts must be yes, no or choose" in res.stderr

@@ -297,17 +297,9 @@ def fit_session_readout(
     norm = decoder.norms[session.session_id][output]
     variants = {"yes": [feats], "no": [without_counts(feats)]}
     variants["choose"] = variants["no"] + variants["yes"]
+    head, step = linear_head(decoder, output), decoder.config.latent_step
     fits = [
-        fit_readout(
-            f,
-            norm,
-            linear_head(decoder, output),
-            decoder.config.latent_step,
-            split.train[1],
-            split.valid,
-            st,
-            progress,
-        )  # fmt: skip
+        fit_readout(f, norm, head, step, split.train[1], split.valid, st, progress)
         for f in variants[st.counts]
     ]
     readout, report = max(fits, key=lambda fit: fit[1]["valid_r2_readout"])
