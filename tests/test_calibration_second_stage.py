@@ -147,6 +147,7 @@ def test_second_stage_kept_or_not_decides_what_apply_swaps(models_dir, state_dir
         st = srv.status()
         rep.stop()
     assert st["model"]["calibration"] == "cal-tuned" and st["model"]["calibrated"] is True
+    assert st["model"]["tables"]["readout"] == {"hidden": 128, "count_units": 0}
     assert st["state"] == "running" and st["errors"] == 0 and st["non_finite_outputs"] == 0
     td, yd, _ = dec.arrays()
     after = td > t_apply + 0.5

@@ -63,6 +63,7 @@ def test_new_day_of_a_known_subject_decodes_zero_shot(models_dir, new_day, tmp_p
         tables = st["model"]["tables"]
         assert tables["kind"] == "zero-shot warm start", tables
         assert tables["units_matched"] == new_day.num_units and tables["session_from"] == JANGO
+        assert tables["readout"] is None  # Jango's readouts belong to its own days
         assert st["model"]["calibrated"] is True and st["model"]["session"] == "jango_later_day"
         dec = StreamRecorder(StreamSettings(type="Control", source_id=cfg.control_source_id))
         beh = StreamRecorder(StreamSettings(type="Behavior", source_id=cfg.behavior.source_id))

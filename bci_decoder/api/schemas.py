@@ -36,7 +36,9 @@ class ModelPublic(BaseModel):
     output: str | None
     calibrated: bool | None
     # which unit/session tables decode and where they came from: "pretrained",
-    # "calibrated", "zero-shot warm start" (with the days and units it matched) or none
+    # "calibrated", "zero-shot warm start" (with the days and units it matched) or none;
+    # "readout": the session's recurrent readout (GRU units, units whose counts it
+    # reads) or None where the linear head decodes
     tables: dict | None = None
 
 

@@ -267,6 +267,11 @@ class Daemon:
                 tables = {"kind": "zero-shot warm start", **warm.info["warm_start"]}
         output = self.cfg.output if self.cfg.output in pkg.norms[session] else None
         output = output or next(iter(pkg.norms[session]))
+        # the session's recurrent readout, if it has one (model.session_readout)
+        readout = pkg.readout(session, output)
+        tables["readout"] = (
+            None if readout is None else {"hidden": readout.hidden, "count_units": readout.units}
+        )
         names = pkg.session_unit_names(session)
         index = {u: i for i, u in enumerate(names)}
         if not known:
