@@ -18,7 +18,11 @@ def test_monitor_times_collections_and_freeze_shrinks_them():
         frozen = freeze()
         assert frozen >= 200_000
         assert len(gc.get_objects(generation=2)) < before - 200_000 + 1
-        assert mon.stats.public()["frozen_objects"] == frozen
+        # the monitor reports the freeze count as it is: a frozen object freed since (a
+        # thread of an earlier test in this worker letting go of it) leaves the count,
+        # which only falls until the next freeze
+        reported = mon.stats.public()["frozen_objects"]
+        assert gc.get_freeze_count() <= reported <= frozen and reported > frozen - 1000
         del junk
     finally:
         gc.unfreeze()
