@@ -607,18 +607,9 @@ def test_real_session_counts_readout(real_data):
     ref = eng.decode(session.spike_times, session.spike_units, queries, start=start,
                      normalised=True)  # fmt: skip
     flipped = UnitTables.from_decoder(dec, sid, out, names[::-1])
-    for tab, units in (
-        (tables, session.spike_units),
-        (flipped, len(names) - 1 - session.spike_units),
-    ):
+    reversed_units = dataclasses.replace(session, spike_units=len(names) - 1 - session.spike_units)
+    for tab, stream in ((tables, session), (flipped, reversed_units)):
         eng = StreamingEngine(dec, sid, out, backend="onnx")
         eng.set_units(tab)
         eng.reset(start=start)
-        j = int(np.searchsorted(session.spike_times, queries[0] - 3.0 - 0.1))
-        got = []
-        for t in queries:
-            k = np.searchsorted(session.spike_times, t, side="right")
-            eng.push(session.spike_times[j:k], units[j:k])
-            j = k
-            got.append(eng.step(t))
-        assert_close((np.array(got) - eng.norm.mean) / eng.norm.std, ref)
+        assert_close(stream_upto(eng, stream, queries, queries, after=queries[0] - 3.1), ref)

@@ -185,8 +185,7 @@ class ModelPackage:
         return self.output_names.index(name)
 
     def session_unit_names(self, session_id: str) -> list[str]:
-        prefix = f"{session_id}/"
-        return [u[len(prefix) :] for u in self.units.names if u.startswith(prefix)]
+        return self.units.unit_names(session_id)
 
     # ---------------------------------------------------------------- projections
     def keys_values(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -65,3 +65,8 @@ class UnitVocab(Vocab):
     def session_units(self, session_id: str, unit_ids: list[str]) -> np.ndarray:
         """Vocabulary index of each of a session's units (U,)."""
         return self.lookup(unit_key(session_id, u) for u in unit_ids)
+
+    def unit_names(self, session_id: str) -> list[str]:
+        """A session's unit ids, in vocabulary order (the order packages list them)."""
+        prefix = unit_key(session_id, "")
+        return [n[len(prefix) :] for n in self.names if n.startswith(prefix)]

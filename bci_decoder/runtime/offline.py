@@ -309,6 +309,7 @@ class OfflineDecoding:
         ngroups = last - first + 1
         per_group = max(1, t_all.size // ngroups)
         step = max(1, min(self.MAX_CHUNK_GROUPS, self.CHUNK_SPIKES // per_group))
+        C = 0 if qfeat is None else qfeat.shape[1] - D  # spike-count columns (a readout's)
         for c0 in range(0, ngroups, step):
             c1 = min(c0 + step, ngroups)
             G = c1 - c0
@@ -345,7 +346,6 @@ class OfflineDecoding:
             np.matmul(visible.astype(f32), np.take(tab.emb, u_pad, axis=0), out=feat[..., :D])
             feat[..., D] = (tq - ((g - 1) * s)[:, None]) / s
             feat[:, 0, D] = 1.0
-            C = 0 if qfeat is None else qfeat.shape[1] - D
             if C:  # each block's spike counts per unit (G, B, C)
                 onehot = np.zeros((G, S, C), f32)
                 gi, si = np.nonzero(valid & (u_pad < C))

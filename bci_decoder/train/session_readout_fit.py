@@ -95,8 +95,7 @@ def in_package_order(readout: SessionReadout, decoder: Decoder, session: Session
     """A readout fitted on ``session.unit_ids``' order, in the order the model package
     lists the session's units (``ModelPackage.session_unit_names``; ``UnitTables`` reorders
     from there to a stream's units)."""
-    prefix = f"{session.session_id}/"
-    names = [u[len(prefix) :] for u in decoder.units.to_list() if u.startswith(prefix)]
+    names = decoder.units.unit_names(session.session_id)
     pos = {u: i for i, u in enumerate(session.unit_ids)}
     return readout.for_units(np.array([pos[u] for u in names], np.int64))
 
